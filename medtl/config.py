@@ -1,0 +1,285 @@
+"""Typed run configuration: YAML in ``configs/``, dotted ``--set`` overrides, clear errors.
+
+Example:
+    >>> cfg = load_config("configs/breastmnist.yaml", overrides=["train.epochs=2"])
+    >>> cfg.train.epochs
+    2
+
+Data paths may use ``${MEDTL_SHARED_DATA}`` (default ``../shared/datasets``, resolved
+against the current directory) so the same shipped configs work in CI and for users.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medtl.errors import ConfigError, did_you_mean
+
+__all__ = [
+    "Config",
+    "DataConfig",
+    "LabelsConfig",
+    "IntensityConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "AugmentConfig",
+    "CVConfig",
+    "EvalConfig",
+    "ExplainConfig",
+    "PrivacyConfig",
+    "load_config",
+    "apply_overrides",
+    "config_hash",
+    "dump_config",
+    "shared_data_dir",
+]
+
+
+def shared_data_dir() -> Path:
+    """``MEDTL_SHARED_DATA`` or ``../shared/datasets``."""
+    return Path(os.environ.get("MEDTL_SHARED_DATA", "../shared/datasets")).expanduser()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IntensityConfig(_Strict):
+    """How raw pixel values become [0, 1].
+
+    ``window``: CT windowing in HU with a preset (``lung`` -600/1500, ``mediastinum``
+    40/400, ``bone`` 400/1800, ``brain`` 40/80, ``abdomen`` 40/350) or ``center``/``width``;
+    ``percentile``: per-image percentile scaling (MR, US); ``range``: fixed ``[vmin, vmax]``
+    (e.g. 0-255 for 8-bit images); ``minmax``: per-image min-max.
+    """
+
+    mode: Literal["window", "percentile", "range", "minmax"] = "percentile"
+    preset: Literal["lung", "mediastinum", "bone", "brain", "abdomen"] | None = None
+    center: float | None = None
+    width: float | None = None
+    lower: float = 1.0
+    upper: float = 99.0
+    vmin: float = 0.0
+    vmax: float = 255.0
+
+
+class LabelsConfig(_Strict):
+    """Labels for ``data.format: folder``: a CSV keyed by file name (relative to ``data.path``)."""
+
+    csv: str
+    file_column: str = "file"
+    label_column: str = "label"
+    patient_column: str | None = None  # default: each file's DICOM PatientID
+    site_column: str | None = None
+
+
+class DataConfig(_Strict):
+    format: Literal["manifest", "medmnist", "folder"] = "manifest"
+    path: str = Field(..., description="manifest CSV, MedMNIST .npz, or image folder (format folder)")
+    labels: LabelsConfig | None = None
+    split: Literal["official", "pooled"] = "official"
+    label_column: str = "label"
+    class_names: list[str] | None = None
+    spatial_dims: Literal[2, 3] = 2
+    image_size: list[int] = Field(default_factory=lambda: [224, 224])
+    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    on_error: Literal["raise", "skip"] = "raise"
+    max_cases: int | None = None
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, v: list[int]) -> list[int]:
+        if len(v) not in (2, 3) or any(int(s) < 8 for s in v):
+            raise ValueError("image_size must be 2 (H, W) or 3 (D, H, W) integers >= 8")
+        return v
+
+
+class ModelConfig(_Strict):
+    name: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    weights_path: str | None = None
+    channel_mapping: Literal["auto", "repeat", "sum"] = "auto"
+    drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class AugmentConfig(_Strict):
+    flip: bool = True
+    vertical_flip: bool = False
+    affine: bool = True
+    rotate_deg: float = 15.0
+    scale: float = 0.1
+    translate: float = 0.06
+    intensity: bool = True
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    scheduler: Literal["cosine", "onecycle"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    class_weighted: bool = False
+    select_metric: Literal["auc", "acc", "balanced_acc", "loss"] = "auc"
+    amp: Literal["auto", "on", "off"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = None
+    seed: int = 0
+    tta: bool = True
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class CVConfig(_Strict):
+    n_splits: int = Field(5, ge=2)
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    seed: int = 0
+
+
+class EvalConfig(_Strict):
+    n_bootstrap: int = Field(1000, ge=10)
+    threshold: Literal["fixed", "youden_val"] = "fixed"
+    seed: int = 0
+
+
+class ExplainConfig(_Strict):
+    methods: list[Literal["gradcam", "ig"]] = Field(default_factory=lambda: ["gradcam", "ig"])
+    n_correct: int = Field(4, ge=0)
+    n_wrong: int = Field(4, ge=0)
+    ig_steps: int = Field(32, ge=2)
+    sanity_check: bool = True
+
+
+class PrivacyConfig(_Strict):
+    reveal_ids: bool = False
+
+
+class Config(_Strict):
+    """A whole run. Unknown keys anywhere are errors."""
+
+    name: str = "run"
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    def resolved_data_path(self) -> Path:
+        return Path(_expand(self.data.path))
+
+    def resolved_labels_path(self) -> Path | None:
+        return Path(_expand(self.data.labels.csv)) if self.data.labels else None
+
+
+_VAR = re.compile(r"\$\{(\w+)\}")
+
+
+def _expand(value: str) -> str:
+    def sub(m: re.Match) -> str:
+        if m.group(1) == "MEDTL_SHARED_DATA":
+            return str(shared_data_dir())
+        return os.environ.get(m.group(1), m.group(0))
+
+    return os.path.expanduser(_VAR.sub(sub, value))
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b=c`` overrides to a raw config dict; values are parsed as YAML."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form key.path=value, e.g. train.epochs=5.")
+        key, _, value = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"Override '{item}' has an empty key.")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            sub = node.get(part)
+            if sub is None:
+                sub = node[part] = {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"Override '{item}': '{'.'.join(parts[:depth + 1])}' is a value, not a section.")
+            node = sub
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Override '{item}': cannot parse value {value!r} ({exc}).") from exc
+    return raw
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    lines = [f"Invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            model = _model_at(e["loc"][:-1])
+            valid = sorted(model.model_fields) if model else []
+            hint = did_you_mean(str(e["loc"][-1]), valid)
+            lines.append(f"  - unknown key '{loc}'.{hint} Valid keys here: {', '.join(valid)}.")
+        elif e["type"] == "missing":
+            lines.append(f"  - missing required key '{loc}'.")
+        else:
+            got = e.get("input")
+            lines.append(f"  - '{loc}': {e['msg']}. Got {got!r}.")
+    lines.append("Fix the YAML file or the --set override named above.")
+    return "\n".join(lines)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:
+    """Load and validate a config from a YAML file (or a dict), then apply overrides."""
+    if isinstance(source, dict):
+        raw, label = json.loads(json.dumps(source)), "(dict)"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"Config file '{path}' does not exist. Shipped configs live in configs/, "
+                              "e.g. configs/breastmnist.yaml.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
+        label = f"'{path}'"
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation(err, label)) from None
+
+
+def dump_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config (with the data path expanded) as YAML."""
+    data = cfg.model_dump(mode="json")
+    data["data"]["path"] = str(cfg.resolved_data_path().resolve())
+    if cfg.data.labels is not None:
+        data["data"]["labels"]["csv"] = str(cfg.resolved_labels_path().resolve())
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    return Path(path)
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of the resolved config (identifies a run's recipe in checkpoints)."""
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

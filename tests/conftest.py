@@ -1,0 +1,42 @@
+"""Shared fixtures: the seed, and the real data in ``MEDTL_SHARED_DATA``."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """The shared real-data folder (``MEDTL_SHARED_DATA``, default ``../shared/datasets``)."""
+    env = os.environ.get("MEDTL_SHARED_DATA")
+    return Path(env) if env else (REPO_ROOT.parent / "shared" / "datasets").resolve()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The shared dataset folder. Fails (never skips) when it is missing."""
+    root = shared_data_dir()
+    if not (root / "README.md").exists():
+        pytest.fail(
+            f"Real test data not found at {root}. Place the shared datasets there or set "
+            "MEDTL_SHARED_DATA to their folder (it must contain README.md, medmnist/, "
+            "ct-contrast-tcga/, dicom-samples/ and nifti-samples/)."
+        )
+    return root
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """One seed for every test: Python, NumPy and torch."""
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return 0
