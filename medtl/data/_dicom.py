@@ -1,0 +1,432 @@
+"""DICOM decoding behind :func:`medtl.data.readers.read_image` (private).
+
+Every failure becomes :class:`~medtl.errors.UnreadableFileError` with a specific reason.
+Exceptions are caught narrowly around each step (open, header, pixel description,
+decoder, rescale), because pydicom reports very different problems with the same
+exception types (``AttributeError`` for "no Pixel Data" and for "missing Bits Allocated",
+``RuntimeError`` for "no decoder installed" and for "corrupt JPEG stream").
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from medtl.data.privacy import IDENTIFYING_TAGS
+from medtl.errors import UnreadableFileError
+
+__all__ = [
+    "DicomPixels", "has_dicom_magic", "read_dataset", "decode_dataset", "dicom_meta",
+    "row_col_spacing", "frame_spacing", "quiet",
+]
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# Technical, non-identifying header fields copied into ScanImage.meta (never a keyword
+# from IDENTIFYING_TAGS; _copy_meta re-checks that).
+_META_KEYWORDS = (
+    "Manufacturer", "ManufacturerModelName", "ConvolutionKernel", "SliceThickness", "KVP",
+    "ContrastBolusAgent", "BodyPartExamined", "PixelSpacing", "WindowCenter", "WindowWidth",
+    "RescaleType",
+)
+# pip packages that provide pydicom decoders, by transfer syntax UID prefix.
+_LIBJPEG = "pylibjpeg + pylibjpeg-libjpeg (pip install pylibjpeg pylibjpeg-libjpeg) or python-gdcm"
+_OPENJPEG = "pylibjpeg + pylibjpeg-openjpeg (pip install pylibjpeg pylibjpeg-openjpeg) or python-gdcm"
+_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": _LIBJPEG, "1.2.840.10008.1.2.4.51": _LIBJPEG,
+    "1.2.840.10008.1.2.4.57": _LIBJPEG, "1.2.840.10008.1.2.4.70": _LIBJPEG,
+    "1.2.840.10008.1.2.4.80": _LIBJPEG, "1.2.840.10008.1.2.4.81": _LIBJPEG,
+    "1.2.840.10008.1.2.4.90": _OPENJPEG, "1.2.840.10008.1.2.4.91": _OPENJPEG,
+    "1.2.840.10008.1.2.4.201": _OPENJPEG, "1.2.840.10008.1.2.4.202": _OPENJPEG,
+    "1.2.840.10008.1.2.4.203": _OPENJPEG,
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle (pip install pylibjpeg pylibjpeg-rle) or python-gdcm",
+}
+_VR_MISMATCH = ("Expected explicit VR, but found implicit VR", "Expected implicit VR, but found explicit VR")
+
+
+class DicomPixels(NamedTuple):
+    """One decoded DICOM instance, before MONOCHROME1 inversion.
+
+    ``array`` is float32 channel-first: ``(C, H, W)`` for one frame, ``(C, F, H, W)`` for
+    ``F > 1`` frames. ``rescaled`` is True when a modality rescale or LUT was applied.
+    """
+
+    array: np.ndarray
+    photometric: str
+    rescaled: bool
+
+
+@contextmanager
+def quiet() -> Iterator[list[str]]:
+    """Silence pydicom's warnings and log records, yielding their messages.
+
+    pydicom quotes invalid element values in its warnings ("Invalid value for VR DA:
+    '19650412x'"), which may be identifying (a birth date), so they must not reach the
+    user's logs. The messages are still returned to pick specific failure reasons.
+    """
+    logger = logging.getLogger("pydicom")
+    was_disabled, logger.disabled = logger.disabled, True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            messages: list[str] = []
+            yield messages
+            messages.extend(str(w.message) for w in caught)
+    finally:
+        logger.disabled = was_disabled
+
+
+def has_dicom_magic(path: Path) -> bool:
+    """True when bytes 128-131 of ``path`` are ``b"DICM"`` (the DICOM file preamble)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dataset(path: Path, *, stop_before_pixels: bool = False,
+                 specific_tags: list[str] | None = None) -> Dataset:
+    """Parse a DICOM file's header (and pixels unless ``stop_before_pixels``).
+
+    Files without the 128-byte preamble (old ACR-NEMA style) are read when their content
+    parses as a DICOM dataset; their transfer syntax is set from the detected encoding.
+    """
+    kwargs: dict[str, Any] = {"stop_before_pixels": stop_before_pixels, "specific_tags": specific_tags}
+    with quiet() as messages:
+        try:
+            ds = pydicom.dcmread(path, **kwargs)
+        except InvalidDicomError:
+            ds = _read_without_preamble(path, kwargs)
+        except FileNotFoundError:
+            raise UnreadableFileError(path, "file not found") from None
+        except EOFError as exc:
+            raise UnreadableFileError(path, f"truncated file: the DICOM header ends early ({exc})") from None
+        except OSError as exc:
+            raise UnreadableFileError(path, f"cannot open the file: {exc.strerror or exc}") from None
+        except (ValueError, KeyError, TypeError, NotImplementedError, UnicodeError) as exc:
+            raise UnreadableFileError(path, f"unparsable DICOM header: {type(exc).__name__}: {_short(exc)}") from None
+    if any("End of file reached" in m for m in messages):
+        raise UnreadableFileError(path, "truncated file: it ends inside a data element "
+                                        "(for images usually inside the Pixel Data)")
+    short = _truncated_last_element(ds)
+    if short:
+        raise UnreadableFileError(path, short)
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None and UID(ts).is_compressed and any(m.startswith(_VR_MISMATCH) for m in messages):
+        enc = "Implicit" if any(m.startswith(_VR_MISMATCH[0]) for m in messages) else "Explicit"
+        raise UnreadableFileError(path, (
+            f"non-conformant file: its transfer syntax {UID(ts).name} requires Explicit VR but the "
+            f"data set is encoded as {enc} VR, so the compressed Pixel Data cannot be trusted; "
+            "re-export the file (e.g. with dcmtk dcmconv or gdcmconv)"))
+    return ds
+
+
+def _truncated_last_element(ds: Dataset) -> str | None:
+    """pydicom keeps a value cut short by the end of the file; detect it on the last element."""
+    try:
+        tags = sorted(ds.keys())
+        last = ds.get_item(tags[-1]) if tags else None
+    except Exception:  # noqa: BLE001 - the check is best effort; decoding reports other problems
+        return None
+    length, value = getattr(last, "length", None), getattr(last, "value", None)
+    if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
+        what = "Pixel Data" if last.tag == 0x7FE00010 else f"data element {last.tag}"
+        return f"truncated file: the {what} declares {length} bytes but only {len(value)} remain"
+    return None
+
+
+def _read_without_preamble(path: Path, kwargs: dict[str, Any]) -> Dataset:
+    not_dicom = ("not a DICOM file: bytes 128-131 are not 'DICM' (no DICOM preamble) and the "
+                 "content does not parse as a DICOM data set")
+    try:
+        ds = pydicom.dcmread(path, force=True, **kwargs)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, NotImplementedError,
+            UnicodeError, OSError):
+        raise UnreadableFileError(path, not_dicom) from None
+    known = ("SOPClassUID", "Modality", "Rows", "PixelData", "SpecificCharacterSet", "ImageType",
+             "StudyInstanceUID", "SeriesInstanceUID", "PatientID")
+    try:
+        looks_like_dicom = any(k in ds for k in known)
+    except Exception:  # noqa: BLE001 - garbage read with force=True can fail in any way
+        looks_like_dicom = False
+    if not looks_like_dicom:
+        raise UnreadableFileError(path, not_dicom)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
+def decode_dataset(ds: Dataset, path: Path) -> DicomPixels:
+    """Decode the pixels of one instance, apply the modality rescale/LUT and palette.
+
+    Returns float32 ``(C, H, W)`` or ``(C, F, H, W)`` (``C`` = 1 grey, 3 colour); see
+    :class:`DicomPixels`. Raises UnreadableFileError with a specific reason.
+    """
+    if len(ds) == 0:
+        raise UnreadableFileError(path, "truncated or empty DICOM file: no data elements after the file meta header")
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise UnreadableFileError(path, _no_pixel_reason(ds))
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    if ts is None:
+        raise UnreadableFileError(path, (
+            "the file meta header has no Transfer Syntax UID (0002,0010), so the pixel encoding "
+            "is unknown; re-export the file with a complete file meta header"))
+    ts = UID(ts)
+    required = ["Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation"]
+    if "PixelData" in ds:
+        required.append("PixelRepresentation")
+    missing = [k for k in required if ds.get(k) in (None, "")]
+    if missing:
+        raise UnreadableFileError(path, (
+            "Pixel Data is present but the elements that describe it are missing: "
+            f"{', '.join(missing)}; the file is not a usable image"))
+    rows, cols = _int(ds, "Rows", path), _int(ds, "Columns", path)
+    n_frames = _int(ds, "NumberOfFrames", path, default=1)
+    for kw in ("BitsAllocated", "SamplesPerPixel", "BitsStored", "PixelRepresentation"):
+        _int(ds, kw, path, default=0)
+    if rows == 0 or cols == 0 or n_frames == 0:
+        raise UnreadableFileError(path, f"empty image: Rows={rows}, Columns={cols}, NumberOfFrames={n_frames}")
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        raise UnreadableFileError(path, (
+            f"no decoder exists in pydicom for the transfer syntax {ts.name} ({ts}); convert the "
+            "file to an uncompressed syntax (e.g. dcmtk dcmdjpeg/dcmdjpls or gdcmconv --raw)")) from None
+    if not decoder.is_available:
+        pkg = _DECODER_PACKAGES.get(str(ts), "python-gdcm (pip install python-gdcm)")
+        raise UnreadableFileError(path, (
+            f"compressed transfer syntax {ts.name} and no decoder for it is installed; "
+            f"install {pkg}"))
+    with quiet():  # e.g. "excess padding removed": harmless
+        try:
+            arr, info = decoder.as_array(ds, as_rgb=True)
+        except RuntimeError as exc:
+            raise UnreadableFileError(path, _decoder_failure(ts, exc)) from None
+        except ValueError as exc:
+            raise UnreadableFileError(path, _value_error_reason(ts, exc)) from None
+        except (AttributeError, KeyError, TypeError, NotImplementedError, IndexError) as exc:
+            raise UnreadableFileError(path, f"cannot decode the {ts.name} Pixel Data: {_short(exc)}") from None
+    photometric = str(info.get("photometric_interpretation", ds.PhotometricInterpretation)).strip()
+    colour_last = int(info.get("samples_per_pixel", 1)) > 1
+    rescaled = False
+    if photometric == "PALETTE COLOR":
+        try:
+            arr = apply_color_lut(arr, ds)
+        except (ValueError, AttributeError, KeyError, IndexError) as exc:
+            raise UnreadableFileError(path, f"invalid palette colour lookup table: {_short(exc)}") from None
+        colour_last = True
+    elif not colour_last:
+        arr, rescaled = _modality_rescale(arr, ds, path, n_frames)
+    arr = np.asarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise UnreadableFileError(path, f"NaN/Inf in pixel data ({bad} of {arr.size} values)")
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3 and colour_last and n_frames == 1:
+        arr = arr.transpose(2, 0, 1)
+    elif arr.ndim == 3:
+        arr = arr[None]
+    else:  # (F, H, W, C)
+        arr = arr.transpose(3, 0, 1, 2)
+    return DicomPixels(np.ascontiguousarray(arr), photometric, rescaled)
+
+
+def _modality_rescale(arr: np.ndarray, ds: Dataset, path: Path, n_frames: int) -> tuple[np.ndarray, bool]:
+    """Apply Modality LUT / RescaleSlope+Intercept (or the functional-group equivalent)."""
+    if "ModalityLUTSequence" in ds:
+        try:
+            return apply_modality_lut(arr, ds).astype(np.float64), True
+        except (ValueError, AttributeError, KeyError, IndexError, TypeError) as exc:
+            raise UnreadableFileError(path, f"invalid Modality LUT Sequence: {_short(exc)}") from None
+    slope, intercept = _float(ds, "RescaleSlope", path), _float(ds, "RescaleIntercept", path)
+    if slope is None and intercept is None:
+        group = _functional_group(ds, "PixelValueTransformationSequence")
+        if group is not None:
+            slope, intercept = _float(group, "RescaleSlope", path), _float(group, "RescaleIntercept", path)
+    if slope is None and ds.get("Modality") == "RTDOSE":
+        slope = _float(ds, "DoseGridScaling", path)
+    if slope is None and intercept is None:
+        return arr, False
+    out = arr.astype(np.float64) * (1.0 if slope is None else slope) + (intercept or 0.0)
+    return out, True
+
+
+def _functional_group(ds: Dataset, keyword: str) -> Dataset | None:
+    """First item of ``keyword`` in the shared functional groups (enhanced multi-frame)."""
+    try:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        return shared[keyword][0] if keyword in shared else None
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
+def dicom_meta(ds: Dataset) -> dict[str, Any]:
+    """Technical, non-identifying header fields as JSON-friendly values."""
+    meta: dict[str, Any] = {}
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None:
+        meta["transfer_syntax"] = UID(ts).name
+    sop = ds.get("SOPClassUID")
+    if sop is not None and UID(sop).name != str(sop):
+        meta["sop_class"] = UID(sop).name
+    for key, kw in (("photometric", "PhotometricInterpretation"), ("rows", "Rows"), ("columns", "Columns"),
+                    ("bits_stored", "BitsStored")):
+        value = _plain(ds.get(kw))
+        if value is not None:
+            meta[key] = value
+    for kw in _META_KEYWORDS:
+        if kw in IDENTIFYING_TAGS:  # defensive: the list above must never leak identifiers
+            continue
+        try:
+            value = _plain(ds.get(kw))
+        except Exception:  # noqa: BLE001 - an invalid optional field is just left out
+            value = None
+        if value not in (None, "", []):
+            meta[kw] = value
+    return meta
+
+
+def row_col_spacing(ds: Dataset) -> tuple[float, float]:
+    """(row, col) spacing in mm from PixelSpacing, ImagerPixelSpacing or functional groups."""
+    candidates = [ds.get("PixelSpacing"), ds.get("ImagerPixelSpacing")]
+    group = _functional_group(ds, "PixelMeasuresSequence")
+    if group is not None:
+        candidates.append(group.get("PixelSpacing"))
+    for value in candidates:
+        try:
+            r, c = (float(v) for v in value)
+        except (TypeError, ValueError):
+            continue
+        if r > 0 and c > 0 and np.isfinite([r, c]).all():
+            return r, c
+    return 1.0, 1.0
+
+
+def frame_spacing(ds: Dataset) -> float:
+    """Spacing between frames of a multi-frame instance (mm), 1.0 when unknown."""
+    offsets = ds.get("GridFrameOffsetVector")
+    try:
+        if offsets is not None and len(offsets) > 1:
+            step = float(np.median(np.abs(np.diff([float(v) for v in offsets]))))
+            if step > 0:
+                return step
+    except (TypeError, ValueError):
+        pass
+    group = _functional_group(ds, "PixelMeasuresSequence")
+    for src in (ds, group):
+        for kw in ("SpacingBetweenSlices", "SliceThickness"):
+            try:
+                value = float(src.get(kw)) if src is not None and src.get(kw) not in (None, "") else None
+            except (TypeError, ValueError):
+                value = None
+            if value and value > 0:
+                return value
+    return 1.0
+
+
+def _no_pixel_reason(ds: Dataset) -> str:
+    sop = ds.get("SOPClassUID") or (ds.file_meta.get("MediaStorageSOPClassUID") if hasattr(ds, "file_meta") else None)
+    name = UID(sop).name if sop else None
+    name = name if name and name != str(sop) else None
+    modality = ds.get("Modality")
+    parts = [p for p in (name, f"Modality {modality}" if modality else None) if p]
+    what = " / ".join(parts) if parts else "non-image (no SOP Class UID or Modality)"
+    if ds.get("Rows") and ds.get("Columns"):
+        return (f"no Pixel Data element although the header describes a {ds.Rows}x{ds.Columns} "
+                f"image ({what}): the file is probably truncated")
+    if name and "Image Storage" in name:
+        return (f"no Pixel Data element: the file claims to be a {what} object but holds no image "
+                "(no Rows, Columns or Pixel Data; a header-only or stripped file)")
+    return f"no Pixel Data element: this is a {what} object, not an image"
+
+
+def _decoder_failure(ts: UID, exc: RuntimeError) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and "plugins" in lines[0]:
+        detail = "; ".join(_short(ln, 140) for ln in lines[1:])
+    else:
+        detail = _short(exc, 200)
+    if "missing dependencies" in str(exc):
+        pkg = _DECODER_PACKAGES.get(str(ts), "python-gdcm")
+        return f"compressed transfer syntax {ts.name} and no working decoder is installed; install {pkg} ({detail})"
+    return f"corrupt {ts.name} pixel stream: every decoder failed ({detail})"
+
+
+def _value_error_reason(ts: UID, exc: ValueError) -> str:
+    msg = str(exc)
+    if "less than expected" in msg:
+        got_expected = msg.split("(", 1)[1].split(")", 1)[0] if "(" in msg else ""
+        return (f"truncated pixel data ({got_expected}): the file was cut short or its Rows/Columns/"
+                "BitsAllocated/NumberOfFrames values are wrong")
+    if "offset" in msg.lower() or "tag" in msg.lower() or "fragment" in msg.lower():
+        return f"malformed encapsulated {ts.name} Pixel Data: {_short(exc)}"
+    return f"invalid pixel description for {ts.name} data: {_short(exc)}"
+
+
+def _int(ds: Dataset, kw: str, path: Path, default: int | None = None) -> int:
+    value = ds.get(kw)
+    if value in (None, ""):
+        if default is None:
+            raise UnreadableFileError(path, f"missing required element {kw}")
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        elem = ds[kw]
+        raise UnreadableFileError(path, (
+            f"invalid header value: {kw} {elem.tag} (VR {elem.VR}) is {str(value)[:40]!r}, "
+            "not an integer")) from None
+
+
+def _float(ds: Dataset, kw: str, path: Path) -> float | None:
+    value = ds.get(kw)
+    if value in (None, ""):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        elem = ds[kw]
+        raise UnreadableFileError(path, (
+            f"invalid header value: {kw} {elem.tag} (VR {elem.VR}) is {str(value)[:40]!r}, "
+            "not a number")) from None
+    if not np.isfinite(out):
+        raise UnreadableFileError(path, f"invalid header value: {kw} is {out}")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """pydicom values → JSON-friendly Python values (multi-values → lists)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [_plain(v) for v in value]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return str(value).strip()
+
+
+def _short(exc: object, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

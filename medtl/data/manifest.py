@@ -1,0 +1,212 @@
+"""Cases and manifests: what a dataset is before any pixel is decoded."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medtl.errors import DataError
+
+__all__ = ["Case", "read_manifest", "read_medmnist", "read_labelled_folder", "MEDMNIST_CLASSES", "REQUIRED_COLUMNS"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled scan.
+
+    Attributes:
+        case_id: stable, non-identifying id, e.g. ``"row0007"`` (manifest row) or
+            ``"train-00012"`` (MedMNIST split and index). Safe to print.
+        path: DICOM file, DICOM series folder, NIfTI or PNG/JPEG file; ``None`` when
+            the pixels are held in memory (``array``).
+        label: class name as a string (``None`` for unlabelled cases).
+        patient_id: the user's patient ID. Identifying: pseudonymise before output.
+        site: acquisition site, or ``None``.
+        array: in-memory pixels, channel-first float32 ``(C, H, W)`` or ``(C, D, H, W)``.
+        mask: optional path to a region mask (e.g. a lesion) used to score saliency.
+        split: ``"train"``/``"val"``/``"test"`` for official-split runs, else ``None``.
+    """
+
+    case_id: str
+    path: str | None
+    label: str | None
+    patient_id: str
+    site: str | None = None
+    array: np.ndarray | None = field(default=None, repr=False, compare=False)
+    mask: str | None = None
+    split: str | None = None
+
+
+REQUIRED_COLUMNS = ("path", "label", "patient_id")
+OPTIONAL_COLUMNS = ("site", "mask", "split")
+
+# Class names of the MedMNIST files shipped with the project (medmnist/info.py, v3.0.2).
+MEDMNIST_CLASSES: dict[str, list[str]] = {
+    "breastmnist": ["malignant", "normal_or_benign"],
+    "pneumoniamnist": ["normal", "pneumonia"],
+    "adrenalmnist3d": ["normal", "hyperplasia"],
+}
+
+
+def read_manifest(path: str | Path, *, label_column: str = "label") -> list[Case]:
+    """Read a manifest CSV with columns ``path,label,patient_id`` (+ optional ``site``,
+    ``mask``, ``split``). Relative paths resolve against the manifest's folder.
+
+    Every problem in the file is collected and raised together as one :class:`DataError`
+    that names the file, the row numbers and what to fix; nothing is silently dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Manifest '{path}' does not exist. Give a CSV with columns "
+                        f"{','.join(REQUIRED_COLUMNS)} (optional: {','.join(OPTIONAL_COLUMNS)}).")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Manifest '{path}' is not UTF-8 text ({exc}). Save it as UTF-8 CSV.") from exc
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        rows = list(reader)
+    except csv.Error as exc:
+        raise DataError(f"Manifest '{path}' is not a valid CSV: {exc}.") from exc
+    required = ("path", label_column, "patient_id")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"Manifest '{path}' lacks column(s) {missing}. Found columns {header}; required "
+                        f"are {list(required)} (optional: {list(OPTIONAL_COLUMNS)}).")
+    problems: list[str] = []
+    cases: list[Case] = []
+    base = path.parent
+    for i, row in enumerate(rows):
+        line = i + 2  # 1-based, after the header
+        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in row.items()}
+        if None in row or "" in row and row[""]:
+            problems.append(f"row {line}: more fields than columns in the header")
+            continue
+        empty = [c for c in required if not row.get(c)]
+        if empty:
+            problems.append(f"row {line}: empty {', '.join(empty)}")
+            continue
+        if row[label_column].lower() in ("nan", "na", "none", "null"):
+            problems.append(f"row {line}: label is '{row[label_column]}'")
+            continue
+        p = Path(row["path"]).expanduser()
+        p = p if p.is_absolute() else base / p
+        mask = row.get("mask") or None
+        if mask and not Path(mask).is_absolute():
+            mask = str(base / mask)
+        split = (row.get("split") or "").lower() or None
+        if split is not None and split not in ("train", "val", "test"):
+            problems.append(f"row {line}: split '{row['split']}' is not one of train, val, test")
+            continue
+        cases.append(Case(case_id=f"row{line:05d}", path=str(p), label=row[label_column],
+                          patient_id=row["patient_id"], site=row.get("site") or None, mask=mask,
+                          split=split))
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DataError(f"Manifest '{path}' has {len(problems)} malformed row(s):\n  {shown}\n"
+                        "Fix these rows (or remove them deliberately) and run again.")
+    if not cases:
+        raise DataError(f"Manifest '{path}' has no rows.")
+    return cases
+
+
+def read_medmnist(path: str | Path, *, split: str = "official") -> list[Case]:
+    """Cases from an official MedMNIST ``.npz``: images in memory, ``split`` set from the file.
+
+    MedMNIST carries no patient IDs; each image is its own group (``patient_id`` = case id).
+    Arrays become channel-first float32 ``(1, H, W)`` or ``(1, D, H, W)`` (RGB -> ``(3, H, W)``)
+    with the original 0-255 values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"MedMNIST file '{path}' does not exist. Set data.path (shipped configs use "
+                        "${MEDTL_SHARED_DATA}/medmnist/...; set MEDTL_SHARED_DATA to the datasets folder).")
+    try:
+        npz = np.load(path)
+        keys = set(npz.files)
+    except Exception as exc:  # zip/pickle errors from np.load
+        raise DataError(f"'{path}' is not a readable .npz file: {exc}") from exc
+    need = {f"{s}_{k}" for s in ("train", "val", "test") for k in ("images", "labels")}
+    if not need <= keys:
+        raise DataError(f"'{path}' is not a MedMNIST file: missing keys {sorted(need - keys)} (found {sorted(keys)}).")
+    names = MEDMNIST_CLASSES.get(path.stem.lower().replace("_224", ""))
+    cases = []
+    for s in ("train", "val", "test"):
+        images, labels = npz[f"{s}_images"], npz[f"{s}_labels"]
+        if labels.ndim != 2 or labels.shape[1] != 1:
+            raise DataError(f"'{path}': {s}_labels has shape {labels.shape}; medtl supports single-label "
+                            "MedMNIST tasks (labels of shape (N, 1)).")
+        for j in range(len(images)):
+            arr = images[j].astype(np.float32)
+            arr = np.moveaxis(arr, -1, 0) if arr.ndim == 3 and arr.shape[-1] == 3 else arr[None]
+            y = int(labels[j, 0])
+            cid = f"{s}-{j:05d}"
+            cases.append(Case(case_id=cid, path=None, label=names[y] if names else str(y),
+                              patient_id=cid, array=arr, split=s if split == "official" else None))
+    return cases
+
+
+def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_column: str, label_column: str,
+                         patient_column: str | None = None, site_column: str | None = None) -> list[Case]:
+    """Cases from a folder of scans plus a label CSV keyed by file name (a typical hospital export).
+
+    Each CSV row names one file (``file_column``, relative to ``folder``). The patient is
+    taken from ``patient_column`` when given, else from the file's DICOM PatientID, so
+    grouping by patient works without the user copying IDs by hand. IDs are kept in memory
+    only and pseudonymised in every output.
+
+    Raises:
+        DataError: missing columns, missing files, empty labels or absent PatientIDs, all
+            listed at once with row numbers.
+    """
+    folder, labels_csv = Path(folder), Path(labels_csv)
+    if not folder.is_dir():
+        raise DataError(f"Image folder '{folder}' does not exist (data.path).")
+    if not labels_csv.is_file():
+        raise DataError(f"Label CSV '{labels_csv}' does not exist (data.labels.csv).")
+    with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        rows = list(reader)
+    need = [c for c in (file_column, label_column, patient_column, site_column) if c]
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise DataError(f"Label CSV '{labels_csv}' lacks column(s) {missing}; it has {header}. "
+                        "Set data.labels.file_column / label_column / patient_column to existing columns.")
+    from medtl.data.readers import read_dicom_patient_id
+
+    problems, cases = [], []
+    for i, row in enumerate(rows):
+        line = i + 2
+        fname, label = (row.get(file_column) or "").strip(), (row.get(label_column) or "").strip()
+        if not fname or not label:
+            problems.append(f"row {line}: empty {file_column if not fname else label_column}")
+            continue
+        path = folder / fname
+        if not path.exists():
+            problems.append(f"row {line}: file '{fname}' not found in {folder}")
+            continue
+        pid = (row.get(patient_column) or "").strip() if patient_column else None
+        if not pid:
+            try:
+                pid = read_dicom_patient_id(path)
+            except Exception as exc:  # UnreadableFileError or a header problem: report with the row
+                problems.append(f"row {line}: cannot read PatientID from '{fname}' ({exc})")
+                continue
+        if not pid:
+            problems.append(f"row {line}: '{fname}' has no PatientID; add a patient column to the CSV "
+                            "and set data.labels.patient_column")
+            continue
+        site = (row.get(site_column) or "").strip() or None if site_column else None
+        cases.append(Case(case_id=f"row{line:05d}", path=str(path), label=label, patient_id=pid, site=site))
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DataError(f"Label CSV '{labels_csv}' has {len(problems)} problem(s):\n  {shown}")
+    if not cases:
+        raise DataError(f"Label CSV '{labels_csv}' has no rows.")
+    return cases

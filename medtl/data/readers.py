@@ -1,0 +1,373 @@
+"""Read one scan (DICOM file or series folder, NIfTI, PNG/JPEG/TIFF) into a :class:`ScanImage`.
+
+Arrays are float32 and channel-first: ``(C, H, W)`` for 2D images, ``(C, D, H, W)`` for
+3D volumes, with ``C = 1`` for grey and ``C = 3`` for colour. Every failure raises
+:class:`~medtl.errors.UnreadableFileError` with a specific reason (truncated file, no
+decoder installed, non-image DICOM object, 4D volume, NaN values, ...).
+
+Example:
+    >>> img = read_image("scans/ct_0001.dcm")           # doctest: +SKIP
+    >>> img.array.shape, img.modality, img.is_hu        # doctest: +SKIP
+    ((1, 512, 512), 'CT', True)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medtl.data import _dicom
+from medtl.errors import UnreadableFileError
+
+__all__ = ["ScanImage", "read_image", "read_dicom_patient_id", "SUPPORTED_SUFFIXES"]
+
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SUPPORTED_SUFFIXES: tuple[str, ...] = _DICOM_SUFFIXES + _NIFTI_SUFFIXES + _PILLOW_SUFFIXES
+
+
+@dataclass
+class ScanImage:
+    """A decoded scan.
+
+    Attributes:
+        array: float32 channel-first pixels, ``(C, H, W)`` or ``(C, D, H, W)``.
+        spacing: mm per spatial axis in array order: ``(row, col)`` or ``(slice, row, col)``;
+            1.0 where unknown.
+        modality: DICOM Modality (``"CT"``, ``"MR"``, ``"CR"``, ...) or ``None``.
+        is_hu: True when CT values were rescaled to Hounsfield units.
+        meta: technical, non-identifying metadata (transfer syntax, scanner model, ...).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, ...]
+    modality: str | None = None
+    is_hu: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_image(path: str | Path) -> ScanImage:
+    """Decode one image file or DICOM series folder.
+
+    Dispatch: a folder → DICOM series (sorted along the slice normal); ``.nii``/``.nii.gz`` →
+    NIfTI; ``.png/.jpg/.jpeg/.tif/.tiff/.bmp`` → Pillow; ``.dcm``, ``.dicom``, no suffix or a
+    ``DICM`` marker at byte 128 → DICOM.
+
+    Returns:
+        :class:`ScanImage` with a float32 ``(C, H, W)`` or ``(C, D, H, W)`` array.
+
+    Raises:
+        UnreadableFileError: with a specific reason.
+
+    Example:
+        >>> read_image("series_folder/").array.shape     # doctest: +SKIP
+        (1, 120, 512, 512)
+    """
+    path = Path(path)
+    try:
+        return _dispatch(path)
+    except (UnreadableFileError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - last resort; known failures get specific reasons above
+        raise UnreadableFileError(path, f"unexpected decoder error: {type(exc).__name__}: {exc}") from exc
+
+
+def _dispatch(path: Path) -> ScanImage:
+    if path.is_dir():
+        with _dicom.quiet():
+            return _read_dicom_series(path)
+    if not path.exists():
+        raise UnreadableFileError(path, "file not found")
+    name = path.name.lower()
+    if name.endswith(_NIFTI_SUFFIXES):
+        return _read_nifti(path)
+    if name.endswith(_PILLOW_SUFFIXES):
+        return _read_pillow(path)
+    if _looks_like_dicom_name(path) or _dicom.has_dicom_magic(path):
+        with _dicom.quiet():
+            return _read_dicom_file(path)
+    raise UnreadableFileError(path, (
+        f"unsupported file type {path.suffix!r}; medtl reads {', '.join(SUPPORTED_SUFFIXES)}, "
+        "DICOM files without a suffix and DICOM series folders"))
+
+
+def read_dicom_patient_id(path: str | Path) -> str | None:
+    """PatientID from a DICOM file's header (pixels are not read); ``None`` when empty.
+
+    For a series folder, the id shared by its DICOM files. The result is identifying:
+    pseudonymise it before it reaches any output.
+
+    Raises:
+        UnreadableFileError: unreadable header, or a folder mixing several patients.
+
+    Example:
+        >>> pid = read_dicom_patient_id("export/ct_0001.dcm")   # doctest: +SKIP
+        >>> Pseudonymizer()(pid)                                 # doctest: +SKIP
+        'P-3fa81c02de'
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UnreadableFileError(path, "file not found")
+    files = _series_files(path) if path.is_dir() else [path]
+    ids: list[str] = []
+    for file in files:
+        try:
+            ds = _dicom.read_dataset(file, stop_before_pixels=True, specific_tags=["PatientID"])
+        except UnreadableFileError as exc:
+            if path.is_dir() and exc.reason.startswith("not a DICOM file"):
+                continue
+            raise UnreadableFileError(path, exc.reason if file == path else f"{file.name}: {exc.reason}") from None
+        value = str(ds.get("PatientID") or "").strip()
+        if value:
+            ids.append(value)
+    distinct = Counter(ids)
+    if len(distinct) > 1:
+        counts = " and ".join(str(c) for c in sorted(distinct.values(), reverse=True))
+        raise UnreadableFileError(path, f"the folder mixes {len(distinct)} patients ({counts} files); "
+                                        "put each patient's series in its own folder")
+    return ids[0] if ids else None
+
+
+# --------------------------------------------------------------------------- DICOM
+def _looks_like_dicom_name(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    # UID-style names ("1.2.840.113619.2.55.3.6") have an all-digit "suffix".
+    return suffix in _DICOM_SUFFIXES or suffix == "" or suffix[1:].isdigit()
+
+
+def _read_dicom_file(path: Path) -> ScanImage:
+    ds = _dicom.read_dataset(path)
+    pixels = _dicom.decode_dataset(ds, path)
+    array = _invert_if_monochrome1(pixels.array, pixels.photometric)
+    row, col = _dicom.row_col_spacing(ds)
+    meta = _dicom.dicom_meta(ds)
+    if array.ndim == 4:
+        spacing: tuple[float, ...] = (_dicom.frame_spacing(ds), row, col)
+        meta["n_frames"] = int(array.shape[1])
+    else:
+        spacing = (row, col)
+    return _dicom_image(ds, array, spacing, pixels.rescaled, meta)
+
+
+def _dicom_image(ds: Any, array: np.ndarray, spacing: tuple[float, ...], rescaled: bool,
+                 meta: dict[str, Any]) -> ScanImage:
+    modality = str(ds.get("Modality") or "").strip() or None
+    rescale_type = str(ds.get("RescaleType") or "HU").strip().upper()
+    is_hu = modality == "CT" and rescaled and rescale_type in ("HU", "")
+    return ScanImage(array, tuple(float(s) for s in spacing), modality, is_hu, meta)
+
+
+def _invert_if_monochrome1(array: np.ndarray, photometric: str) -> np.ndarray:
+    """MONOCHROME1 stores low values as white: flip so that higher = brighter."""
+    if photometric != "MONOCHROME1":
+        return array
+    return (array.max() + array.min() - array).astype(np.float32)
+
+
+def _series_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _read_dicom_series(folder: Path) -> ScanImage:
+    files = _series_files(folder)
+    if not files:
+        raise UnreadableFileError(folder, "empty folder: no files to read as a DICOM series")
+    instances, not_dicom, non_image = [], 0, 0
+    for file in files:
+        try:
+            ds = _dicom.read_dataset(file)
+        except UnreadableFileError as exc:
+            if exc.reason.startswith("not a DICOM file"):
+                not_dicom += 1
+                continue
+            raise UnreadableFileError(folder, f"{file.name}: {exc.reason}") from None
+        if any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            instances.append((file, ds))
+        else:
+            non_image += 1
+    if not instances:
+        raise UnreadableFileError(folder, (
+            f"no DICOM image in the folder ({len(files)} files: {not_dicom} not DICOM, "
+            f"{non_image} DICOM objects without Pixel Data)"))
+    _check_single_series(folder, [ds for _, ds in instances])
+    if len(instances) == 1:
+        return _read_dicom_file(instances[0][0])
+    ordered, slice_spacing, how = _sort_slices(folder, instances)
+    slices, rescaled, photometric = [], True, ""
+    for file, ds in ordered:
+        try:
+            pixels = _dicom.decode_dataset(ds, file)
+        except UnreadableFileError as exc:
+            raise UnreadableFileError(folder, f"{file.name}: {exc.reason}") from None
+        slices.append(pixels.array)
+        rescaled &= pixels.rescaled
+        photometric = pixels.photometric
+    volume = _invert_if_monochrome1(np.stack(slices, axis=1), photometric)  # (C, D, H, W)
+    first = ordered[0][1]
+    meta = _dicom.dicom_meta(first)
+    meta.update(n_slices=len(ordered), slice_order=how)
+    row, col = _dicom.row_col_spacing(first)
+    return _dicom_image(first, volume, (slice_spacing, row, col), rescaled, meta)
+
+
+def _check_single_series(folder: Path, datasets: list[Any]) -> None:
+    """Refuse folders that mix series, sizes, orientations or multi-frame files (counts only)."""
+    def counts(values: list[Any]) -> Counter:
+        return Counter(values)
+
+    hint = "put each series in its own folder"
+    series = counts([str(ds.get("SeriesInstanceUID") or "") for ds in datasets])
+    if len(series) > 1:
+        n = " and ".join(str(c) for c in sorted(series.values(), reverse=True))
+        raise UnreadableFileError(folder, f"mixed series: {len(series)} SeriesInstanceUIDs ({n} files); {hint}")
+    sizes = counts([(ds.get("Rows"), ds.get("Columns"), ds.get("SamplesPerPixel", 1)) for ds in datasets])
+    if len(sizes) > 1:
+        desc = ", ".join(f"{r}x{c}{'' if s == 1 else f'x{s}'} ({k} file{'s' if k != 1 else ''})"
+                         for (r, c, s), k in sizes.most_common())
+        raise UnreadableFileError(folder, f"mixed image sizes in one folder: {desc}; {hint}")
+    orient = counts([_orientation(ds) for ds in datasets])
+    if len(orient) > 1:
+        n = " and ".join(str(c) for c in sorted(orient.values(), reverse=True))
+        raise UnreadableFileError(folder, (
+            f"mixed orientations: {len(orient)} different ImageOrientationPatient values ({n} files); {hint}"))
+    multi = sum(1 for ds in datasets if _safe_int(ds.get("NumberOfFrames"), 1) > 1)
+    if multi and len(datasets) > 1:
+        raise UnreadableFileError(folder, (
+            f"the folder holds {len(datasets)} image files of which {multi} are multi-frame; "
+            "pass each multi-frame file to medtl on its own"))
+
+
+def _orientation(ds: Any) -> tuple[float, ...] | None:
+    try:
+        iop = tuple(round(float(v), 3) for v in ds.ImageOrientationPatient)
+        return iop if len(iop) == 6 else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _position(ds: Any) -> np.ndarray | None:
+    try:
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
+        return ipp if ipp.shape == (3,) and np.isfinite(ipp).all() else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _safe_int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _sort_slices(folder: Path, instances: list[tuple[Path, Any]]) -> tuple[list[tuple[Path, Any]], float, str]:
+    """Order slices along the slice normal (fallback InstanceNumber, then file name)."""
+    iop = _orientation(instances[0][1])
+    positions = [_position(ds) for _, ds in instances]
+    if iop is not None and all(p is not None for p in positions):
+        normal = np.cross(np.array(iop[:3]), np.array(iop[3:]))
+        proj = np.array([float(p @ normal) for p in positions])  # type: ignore[operator]
+        order = np.argsort(proj, kind="stable")
+        steps = np.diff(proj[order])
+        if (steps < 1e-3).any():
+            n_dup = int((steps < 1e-3).sum())
+            raise UnreadableFileError(folder, (
+                f"{n_dup + 1} or more slices share the same position (several acquisitions, echoes "
+                "or time points in one series?); put each acquisition in its own folder"))
+        return [instances[i] for i in order], float(np.median(steps)), "ImagePositionPatient"
+    fallback = _dicom.frame_spacing(instances[0][1])
+    numbers = [_safe_int(ds.get("InstanceNumber"), -1) for _, ds in instances]
+    if all(n >= 0 for n in numbers) and len(set(numbers)) == len(numbers):
+        order = np.argsort(numbers, kind="stable")
+        return [instances[i] for i in order], fallback, "InstanceNumber"
+    return list(instances), fallback, "file name"
+
+
+# --------------------------------------------------------------------------- NIfTI
+def _read_nifti(path: Path) -> ScanImage:
+    import nibabel as nib  # local: nibabel is only needed for NIfTI input
+
+    try:
+        img = nib.load(str(path))
+    except nib.filebasedimages.ImageFileError:
+        raise UnreadableFileError(path, "not a valid NIfTI file: nibabel cannot read its header") from None
+    except (EOFError, OSError) as exc:
+        raise UnreadableFileError(path, f"truncated or corrupt NIfTI file: {exc}") from None
+    shape = tuple(int(s) for s in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 3:
+        raise UnreadableFileError(path, (
+            f"{len(shape)}D volume (shape {shape}); medtl reads 2D images and 3D volumes: select "
+            "one time point, e.g. with nibabel `img.slicer[..., 0]`"))
+    if len(shape) < 2 or 0 in shape:
+        raise UnreadableFileError(path, f"empty or 1D image (shape {shape})")
+    try:
+        img = nib.as_closest_canonical(img)  # RAS+: the same anatomy lands on the same axes
+        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(img.shape[:len(shape)])
+    except (EOFError, OSError, ValueError) as exc:
+        raise UnreadableFileError(path, f"truncated or corrupt NIfTI data: {' '.join(str(exc).split())}") from None
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise UnreadableFileError(path, f"NaN/Inf in image data ({bad} of {data.size} voxels)")
+    zooms = [float(z) if z and np.isfinite(z) and z > 0 else 1.0 for z in img.header.get_zooms()[:3]]
+    zooms += [1.0] * (3 - len(zooms))
+    meta: dict[str, Any] = {"format": type(img).__name__, "orientation": "RAS (reoriented)",
+                            "original_shape": list(shape)}
+    if len(shape) == 3 and shape[2] > 1:
+        array = data.transpose(2, 1, 0)[None]  # (x, y, z) → (1, z, y, x) = (C, D, H, W)
+        spacing: tuple[float, ...] = (zooms[2], zooms[1], zooms[0])
+        meta["n_slices"] = shape[2]
+    else:
+        array = data.reshape(shape[0], shape[1]).T[None]  # (x, y) → (1, y, x)
+        spacing = (zooms[1], zooms[0])
+    return ScanImage(np.ascontiguousarray(array, dtype=np.float32), spacing, None, False, meta)
+
+
+# --------------------------------------------------------------------------- Pillow
+def _read_pillow(path: Path) -> ScanImage:
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+            frames = [_pil_to_array(frame) for frame in ImageSequence.Iterator(img)]
+    except UnidentifiedImageError:
+        raise UnreadableFileError(path, f"not a valid {path.suffix.lstrip('.').upper()} image: Pillow "
+                                        "cannot identify the file format") from None
+    except Image.DecompressionBombError as exc:
+        raise UnreadableFileError(path, f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc)
+        kind = "truncated image file" if "truncated" in text.lower() else "corrupt image file"
+        raise UnreadableFileError(path, f"{kind}: {text}") from None
+    if not frames or frames[0].size == 0:
+        raise UnreadableFileError(path, "empty image (0 pixels)")
+    if len({f.shape for f in frames}) > 1:
+        raise UnreadableFileError(path, f"multi-page image with pages of different sizes ({len(frames)} pages)")
+    array = frames[0] if len(frames) == 1 else np.stack(frames, axis=1)  # (C, D, H, W) for stacks
+    if not np.isfinite(array).all():
+        raise UnreadableFileError(path, "NaN/Inf in pixel data")
+    meta = {"format": fmt, "rows": int(array.shape[-2]), "columns": int(array.shape[-1])}
+    if len(frames) > 1:
+        meta["n_slices"] = len(frames)
+    return ScanImage(array, (1.0,) * (array.ndim - 1), None, False, meta)
+
+
+def _pil_to_array(img: Any) -> np.ndarray:
+    """One Pillow frame → float32 ``(1, H, W)`` grey or ``(3, H, W)`` RGB (alpha dropped)."""
+    mode = img.mode
+    if mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;"):
+        if mode == "LA":
+            img = img.convert("L")
+        arr = np.asarray(img, dtype=np.float32)
+        return arr[None] if arr.ndim == 2 else arr[..., 0][None]
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
+    return arr.transpose(2, 0, 1)

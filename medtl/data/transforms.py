@@ -1,0 +1,121 @@
+"""MONAI transform presets: intensity (CT windows, percentiles), geometry, augmentation.
+
+Deterministic preprocessing (:func:`preprocess_transform`) runs once per file per run;
+random augmentation (:func:`augment_transform`) runs per epoch on the cached arrays.
+Array shapes are channel-first: ``(C, H, W)`` or ``(C, D, H, W)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from monai.transforms import (
+    Compose,
+    Lambda,
+    RandAdjustContrast,
+    RandAffine,
+    RandFlip,
+    RandGaussianNoise,
+    RandScaleIntensity,
+    RandShiftIntensity,
+    Resize,
+    ScaleIntensity,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+)
+
+from medtl.config import AugmentConfig, IntensityConfig
+from medtl.errors import ConfigError
+
+__all__ = ["CT_WINDOWS", "window_bounds", "intensity_transform", "preprocess_transform", "augment_transform"]
+
+# (center, width) in HU. Common radiology presets.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (40.0, 350.0),
+}
+
+
+def window_bounds(cfg: IntensityConfig) -> tuple[float, float]:
+    """``(low, high)`` HU bounds of the configured CT window."""
+    if cfg.preset is not None:
+        center, width = CT_WINDOWS[cfg.preset]
+    elif cfg.center is not None and cfg.width is not None:
+        center, width = cfg.center, cfg.width
+    else:
+        raise ConfigError("data.intensity.mode=window needs a preset (lung, mediastinum, bone, brain, "
+                          "abdomen) or both center and width. Got neither.")
+    if width <= 0:
+        raise ConfigError(f"The CT window width must be > 0. Got {width} instead.")
+    return center - width / 2, center + width / 2
+
+
+def intensity_transform(cfg: IntensityConfig):
+    """Raw values -> [0, 1] (clipped) as configured."""
+    if cfg.mode == "window":
+        lo, hi = window_bounds(cfg)
+        return ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if cfg.mode == "percentile":
+        return ScaleIntensityRangePercentiles(lower=cfg.lower, upper=cfg.upper, b_min=0.0, b_max=1.0, clip=True)
+    if cfg.mode == "range":
+        return ScaleIntensityRange(a_min=cfg.vmin, a_max=cfg.vmax, b_min=0.0, b_max=1.0, clip=True)
+    return ScaleIntensity(minv=0.0, maxv=1.0)
+
+
+def _to_grey(x):
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[0] == 3:  # ITU-R BT.601 luma
+        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    return x
+
+
+def preprocess_transform(intensity: IntensityConfig, image_size: list[int] | tuple[int, ...]):
+    """Deterministic pipeline applied once per file: grey -> [0, 1] -> resize.
+
+    Input ``(C, *S)`` raw values; output float32 NumPy ``(1, *image_size)`` in [0, 1].
+    """
+    chain = Compose([
+        Lambda(_to_grey),
+        intensity_transform(intensity),
+        Resize(spatial_size=tuple(image_size), mode="bilinear" if len(image_size) == 2 else "trilinear",
+               anti_aliasing=True),
+    ])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = chain(x)
+        return np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out, dtype=np.float32)
+
+    return run
+
+
+def augment_transform(cfg: AugmentConfig, image_size: list[int] | tuple[int, ...]) -> Compose:
+    """Random flips, affine and intensity changes for training, on ``(C, *S)`` in [0, 1].
+
+    Parameters are sampled from the Compose's random state, so ``set_random_state(seed)``
+    replays the same augmentations.
+    """
+    spatial_dims = len(image_size)
+    ts = []
+    if cfg.flip:
+        ts.append(RandFlip(prob=0.5, spatial_axis=spatial_dims - 1))  # left-right
+    if cfg.vertical_flip:
+        ts.append(RandFlip(prob=0.5, spatial_axis=spatial_dims - 2))
+    if cfg.affine:
+        rot = float(np.deg2rad(cfg.rotate_deg))
+        ts.append(RandAffine(
+            prob=0.8,
+            rotate_range=(rot,) if spatial_dims == 2 else (rot, rot, rot),
+            scale_range=(cfg.scale,) * spatial_dims,
+            translate_range=tuple(cfg.translate * s for s in image_size),  # fraction -> pixels
+            padding_mode="zeros",
+        ))
+    if cfg.intensity:
+        ts += [
+            RandScaleIntensity(factors=0.1, prob=0.5),
+            RandShiftIntensity(offsets=0.05, prob=0.5),
+            RandAdjustContrast(gamma=(0.8, 1.25), prob=0.3),
+            RandGaussianNoise(std=0.01, prob=0.2),
+        ]
+    return Compose(ts)

@@ -1,0 +1,405 @@
+"""Tests for medtl.data.readers: synthetic DICOM/NIfTI/PNG files and the real corpora."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    MPEG2MPML,
+    generate_uid,
+)
+
+from medtl.data.privacy import IDENTIFYING_TAGS
+from medtl.data.readers import SUPPORTED_SUFFIXES, ScanImage, read_dicom_patient_id, read_image
+from medtl.errors import UnreadableFileError
+
+PATIENT_ID = "MRN-SECRET-4711"
+PATIENT_NAME = "Doe^Jane"
+
+# Broken on purpose (datasets README): every decoder fails or the header is invalid.
+BROKEN = {
+    "JPEG-lossy.dcm": "corrupt",
+    "JPEG2000-embedded-sequence-delimiter.dcm": "corrupt",
+    "SC_rgb_jpeg.dcm": "Implicit VR",
+    "MR_truncated.dcm": "truncated",
+    "badVR.dcm": "NumberOfFrames",
+    "nested_priv_SQ.dcm": "missing",
+    "meta_missing_tsyntax.dcm": "Transfer Syntax UID",
+}
+NON_IMAGE = {"rtplan.dcm": "RT Plan", "test-SR.dcm": "SR", "reportsi.dcm": "SR",
+             "rtstruct.dcm": "RT Structure Set", "waveform_ecg.dcm": "ECG"}
+# Compressed files that are not broken: they must decode.
+COMPRESSED_OK = [
+    "SC_rgb_jpeg_dcmtk.dcm", "SC_jpeg_no_color_transform.dcm", "examples_ybr_color.dcm",  # JPEG baseline
+    "JPGExtended.dcm",                                                                     # JPEG extended
+    "SC_rgb_jpeg_gdcm.dcm",                                                                # JPEG lossless
+    "MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_08.dcm", "SC_rgb_jls_lossy_line.dcm",  # JPEG-LS
+    "JPEG2000.dcm", "MR_small_jp2klossless.dcm", "693_J2KI.dcm", "GDCMJ2K_TextGBR.dcm",    # JPEG 2000
+    "MR_small_RLE.dcm", "SC_rgb_rle.dcm", "rtdose_rle.dcm",                               # RLE
+    "image_dfl.dcm",                                                                       # deflate
+]
+
+
+def _corpus_files() -> list[Path]:
+    """Files of dicom-samples/ for parametrisation (same lookup as the ``shared_data`` fixture;
+    when the folder is missing, the tests that use ``shared_data`` fail)."""
+    env = os.environ.get("MEDTL_SHARED_DATA")
+    root = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
+    folder = root / "dicom-samples"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def write_dicom(path: Path, pixels: np.ndarray, *, modality: str = "CT", photometric: str = "MONOCHROME2",
+                slope: float | None = 1.0, intercept: float | None = -1024.0,
+                position: tuple[float, float, float] | None = None,
+                orientation: tuple[float, ...] = (1, 0, 0, 0, 1, 0), series_uid: str | None = None,
+                instance: int | None = None, spacing: tuple[float, float] = (0.7, 0.6),
+                patient_id: str = PATIENT_ID, **extra: object) -> Path:
+    """Write a minimal but conformant DICOM image (Explicit VR LE) with identifying tags."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.PatientName, ds.PatientBirthDate = patient_id, PATIENT_NAME, "19600101"
+    ds.InstitutionName, ds.AccessionNumber = "General Hospital", "ACC998877"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality, ds.Manufacturer, ds.ManufacturerModelName = modality, "ACME", "Scan 3000"
+    ds.PixelSpacing = list(spacing)
+    if slope is not None:
+        ds.RescaleSlope = slope
+    if intercept is not None:
+        ds.RescaleIntercept = intercept
+    if position is not None:
+        ds.ImagePositionPatient = list(position)
+        ds.ImageOrientationPatient = list(orientation)
+    if instance is not None:
+        ds.InstanceNumber = instance
+    for key, value in extra.items():
+        setattr(ds, key, value)
+    bits = 16 if pixels.dtype.itemsize == 2 else 8
+    ds.set_pixel_data(pixels, photometric, bits)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --------------------------------------------------------------------------- DICOM files
+def test_ct_rescale_gives_hounsfield_units(tmp_path: Path) -> None:
+    stored = np.array([[0, 1024, 2024], [24, 1064, 4095]], dtype=np.uint16)
+    img = read_image(write_dicom(tmp_path / "ct.dcm", stored))
+    assert isinstance(img, ScanImage)
+    assert img.array.dtype == np.float32 and img.array.shape == (1, 2, 3)
+    np.testing.assert_allclose(img.array[0], stored.astype(float) - 1024)
+    assert img.is_hu and img.modality == "CT"
+    assert img.spacing == pytest.approx((0.7, 0.6))
+    img2 = read_image(write_dicom(tmp_path / "ct2.dcm", stored, slope=2.0, intercept=-1000.0))
+    np.testing.assert_allclose(img2.array[0], stored.astype(float) * 2 - 1000)
+
+
+def test_mr_without_rescale_is_not_hu(tmp_path: Path) -> None:
+    stored = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    img = read_image(write_dicom(tmp_path / "mr.dcm", stored, modality="MR", slope=None, intercept=None))
+    assert not img.is_hu and img.modality == "MR"
+    np.testing.assert_array_equal(img.array[0], stored)
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    stored = np.array([[0, 100], [200, 1000]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "cr.dcm", stored, modality="CR", photometric="MONOCHROME1",
+                       slope=None, intercept=None)
+    arr = read_image(path).array[0]
+    # low stored values are white in MONOCHROME1 → they must become the brightest
+    np.testing.assert_allclose(arr, 1000 - stored.astype(float))
+    assert arr[0, 0] == arr.max() and arr[1, 1] == arr.min()
+
+
+def test_meta_is_technical_and_never_identifying(tmp_path: Path) -> None:
+    img = read_image(write_dicom(tmp_path / "ct.dcm", np.zeros((4, 4), np.uint16), KVP=120,
+                                 ConvolutionKernel="B30f", ContrastBolusAgent="IOPAMIDOL"))
+    assert img.meta["Manufacturer"] == "ACME" and img.meta["KVP"] == 120.0
+    assert img.meta["ConvolutionKernel"] == "B30f" and img.meta["ContrastBolusAgent"] == "IOPAMIDOL"
+    assert img.meta["transfer_syntax"] == "Explicit VR Little Endian"
+    assert not set(img.meta) & set(IDENTIFYING_TAGS)
+    text = repr(img.meta)
+    for secret in (PATIENT_ID, "Doe", "19600101", "General Hospital", "ACC998877"):
+        assert secret not in text
+
+
+def test_patient_id_header_read(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "a.dcm", np.zeros((2, 2), np.uint16))
+    assert read_dicom_patient_id(path) == PATIENT_ID
+    assert read_dicom_patient_id(tmp_path) == PATIENT_ID
+    (tmp_path / "b").mkdir()
+    empty = write_dicom(tmp_path / "b" / "x.dcm", np.zeros((2, 2), np.uint16), patient_id="")
+    assert read_dicom_patient_id(empty) is None
+    write_dicom(tmp_path / "c.dcm", np.zeros((2, 2), np.uint16), patient_id="OTHER-1")
+    with pytest.raises(UnreadableFileError, match="mixes 2 patients") as exc:
+        read_dicom_patient_id(tmp_path)
+    assert PATIENT_ID not in str(exc.value) and "OTHER-1" not in str(exc.value)
+
+
+def test_float_pixel_data_with_nan_is_rejected(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "f.dcm", np.zeros((2, 2), np.uint16), slope=None, intercept=None)
+    ds = pydicom.dcmread(path)
+    del ds.PixelData, ds.PixelRepresentation
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = np.array([[0, np.nan], [1, 2]], dtype=np.float32).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(UnreadableFileError, match="NaN/Inf in pixel data"):
+        read_image(path)
+
+
+def test_dicom_failures_have_specific_reasons(tmp_path: Path) -> None:
+    with pytest.raises(UnreadableFileError, match="file not found"):
+        read_image(tmp_path / "missing.dcm")
+    (tmp_path / "notes.dcm").write_text("this is not DICOM " * 20)
+    with pytest.raises(UnreadableFileError, match="not a DICOM file"):
+        read_image(tmp_path / "notes.dcm")
+    (tmp_path / "table.xlsx").write_bytes(b"PK")
+    with pytest.raises(UnreadableFileError, match=r"unsupported file type '\.xlsx'.*\.nii\.gz"):
+        read_image(tmp_path / "table.xlsx")
+    good = write_dicom(tmp_path / "ct.dcm", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+    raw = good.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(raw[: len(raw) - 3000])
+    with pytest.raises(UnreadableFileError, match="truncated"):
+        read_image(tmp_path / "cut.dcm")
+    ds = pydicom.dcmread(good)
+    ds.Rows = 0
+    ds.PixelData = b""
+    ds.save_as(tmp_path / "empty.dcm", enforce_file_format=True)
+    with pytest.raises(UnreadableFileError, match="empty image: Rows=0"):
+        read_image(tmp_path / "empty.dcm")
+
+
+def test_transfer_syntax_without_any_decoder(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "jxl.dcm", np.zeros((4, 4), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML  # video: pydicom has no decoder for it
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x0a" + b"\x00" * 30])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(UnreadableFileError, match="no decoder exists in pydicom for the transfer syntax MPEG2"):
+        read_image(path)
+
+
+def test_missing_decoder_names_the_package(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoder = get_decoder(JPEG2000Lossless)
+    monkeypatch.setattr(decoder, "_available", {})  # as if pylibjpeg-openjpeg were not installed
+    with pytest.raises(UnreadableFileError, match="pylibjpeg-openjpeg") as exc:
+        read_image(shared_data / "dicom-samples" / "MR_small_jp2klossless.dcm")
+    assert "JPEG 2000" in exc.value.reason and "python-gdcm" in exc.value.reason
+
+
+def test_unexpected_errors_are_wrapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from medtl.data import _dicom
+
+    path = write_dicom(tmp_path / "ct.dcm", np.zeros((2, 2), np.uint16))
+    monkeypatch.setattr(_dicom, "decode_dataset", lambda ds, p: 1 / 0)
+    with pytest.raises(UnreadableFileError, match="unexpected decoder error: ZeroDivisionError"):
+        read_image(path)
+
+
+# --------------------------------------------------------------------------- series folders
+def _series(folder: Path, n: int = 5, *, series_uid: str | None = None, start: int = 0,
+            shape: tuple[int, int] = (6, 5), step: float = 2.5) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = series_uid or generate_uid()
+    order = list(range(n))
+    random.Random(1).shuffle(order)
+    for rank, k in enumerate(order):
+        z = k * step - 40.0
+        pixels = np.full(shape, 1024 + 100 * k, dtype=np.uint16)
+        # file names and InstanceNumbers both disagree with the spatial order
+        write_dicom(folder / f"IM{start + rank:04d}", pixels, position=(-10.0, 20.0, z),
+                    series_uid=uid, instance=n - rank)
+
+
+def test_series_sorted_by_position_with_slice_spacing(tmp_path: Path) -> None:
+    _series(tmp_path / "s")
+    (tmp_path / "s" / "README.txt").write_text("not dicom")  # ignored
+    img = read_image(tmp_path / "s")
+    assert img.array.shape == (1, 5, 6, 5) and img.array.dtype == np.float32
+    np.testing.assert_allclose(img.array[0, :, 0, 0], [0, 100, 200, 300, 400])
+    assert img.spacing == pytest.approx((2.5, 0.7, 0.6))
+    assert img.is_hu and img.meta["n_slices"] == 5 and img.meta["slice_order"] == "ImagePositionPatient"
+
+
+def test_mixed_series_folder_is_rejected_with_counts_only(tmp_path: Path) -> None:
+    uid_a, uid_b = generate_uid(), generate_uid()
+    _series(tmp_path / "m", 3, series_uid=uid_a)
+    _series(tmp_path / "m", 2, series_uid=uid_b, start=10)
+    with pytest.raises(UnreadableFileError, match=r"mixed series: 2 SeriesInstanceUIDs \(3 and 2 files\)") as exc:
+        read_image(tmp_path / "m")
+    assert uid_a not in str(exc.value) and uid_b not in str(exc.value)
+    assert "own folder" in exc.value.reason
+
+
+def test_mixed_sizes_and_duplicate_positions_are_rejected(tmp_path: Path) -> None:
+    uid = generate_uid()
+    _series(tmp_path / "sz", 3, series_uid=uid)
+    _series(tmp_path / "sz", 1, series_uid=uid, start=10, shape=(8, 8))
+    with pytest.raises(UnreadableFileError, match=r"mixed image sizes.*6x5 \(3 files\), 8x8 \(1 file\)"):
+        read_image(tmp_path / "sz")
+    _series(tmp_path / "dup", 3, series_uid=uid)
+    _series(tmp_path / "dup", 2, series_uid=uid, start=10)
+    with pytest.raises(UnreadableFileError, match="share the same position"):
+        read_image(tmp_path / "dup")
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "a.txt").write_text("x")
+    with pytest.raises(UnreadableFileError, match="no DICOM image in the folder"):
+        read_image(tmp_path / "none")
+
+
+# --------------------------------------------------------------------------- NIfTI and PNG
+def test_nifti_axes_spacing_and_orientation(tmp_path: Path) -> None:
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)  # (x, y, z)
+    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.8, 2.5, 1.0])), tmp_path / "ras.nii.gz")
+    img = read_image(tmp_path / "ras.nii.gz")
+    assert img.array.shape == (1, 6, 5, 4) and img.array.dtype == np.float32
+    assert img.spacing == pytest.approx((2.5, 0.8, 0.5))
+    np.testing.assert_array_equal(img.array[0], data.transpose(2, 1, 0))
+    # x axis stored right-to-left (LAS): reoriented to RAS, so x is flipped
+    nib.save(nib.Nifti1Image(data, np.diag([-0.5, 0.8, 2.5, 1.0])), tmp_path / "las.nii")
+    las = read_image(tmp_path / "las.nii")
+    np.testing.assert_array_equal(las.array[0], data[::-1].transpose(2, 1, 0))
+    nib.save(nib.Nifti1Image(data[:, :, :1], np.diag([0.5, 0.8, 2.5, 1.0])), tmp_path / "flat.nii")
+    flat = read_image(tmp_path / "flat.nii")
+    assert flat.array.shape == (1, 5, 4) and flat.spacing == pytest.approx((0.8, 0.5))
+
+
+def test_nifti_failures(tmp_path: Path) -> None:
+    data = np.ones((3, 3, 3, 2), dtype=np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "t.nii.gz")
+    with pytest.raises(UnreadableFileError, match=r"4D volume \(shape \(3, 3, 3, 2\)\).*slicer\[\.\.\., 0\]"):
+        read_image(tmp_path / "t.nii.gz")
+    bad = np.ones((3, 3, 3), dtype=np.float32)
+    bad[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(bad, np.eye(4)), tmp_path / "nan.nii")
+    with pytest.raises(UnreadableFileError, match=r"NaN/Inf in image data \(1 of 27 voxels\)"):
+        read_image(tmp_path / "nan.nii")
+    raw = (tmp_path / "nan.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(raw[:-50])
+    with pytest.raises(UnreadableFileError, match="truncated or corrupt NIfTI"):
+        read_image(tmp_path / "cut.nii")
+
+
+def test_png_grey_rgb_and_corrupt(tmp_path: Path) -> None:
+    grey = (np.arange(20, dtype=np.uint8).reshape(4, 5) * 10)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    img = read_image(tmp_path / "g.png")
+    assert img.array.shape == (1, 4, 5) and img.spacing == (1.0, 1.0) and img.modality is None
+    np.testing.assert_array_equal(img.array[0], grey)
+    rgb = np.zeros((4, 5, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 2] = 200, 50
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    arr = read_image(tmp_path / "c.png").array
+    assert arr.shape == (3, 4, 5) and arr[0].max() == 200 and arr[1].max() == 0 and arr[2].min() == 50
+    deep = np.array([[0, 40000], [65535, 7]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "d.png").array[0], deep)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(UnreadableFileError, match="not a valid PNG image"):
+        read_image(tmp_path / "bad.png")
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "n.png")
+    raw = (tmp_path / "n.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UnreadableFileError, match="(truncated|corrupt) image file"):
+        read_image(tmp_path / "cut.png")
+
+
+def test_supported_suffixes_listed() -> None:
+    assert {".dcm", ".nii", ".nii.gz", ".png", ".jpg", ".tif"} <= set(SUPPORTED_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- real corpora
+@pytest.mark.parametrize("path", _corpus_files(), ids=lambda p: p.name)
+def test_every_corpus_file_decodes_or_fails_specifically(path: Path) -> None:
+    try:
+        img = read_image(path)
+    except UnreadableFileError as exc:
+        assert exc.reason and "could not read" not in exc.reason.lower()
+        assert "unexpected decoder error" not in exc.reason
+        assert path.name not in BROKEN or BROKEN[path.name] in exc.reason
+        assert path.name not in NON_IMAGE or (
+            "no Pixel Data element" in exc.reason and NON_IMAGE[path.name] in exc.reason)
+        assert path.name not in COMPRESSED_OK, f"{path.name} should decode: {exc.reason}"
+        return
+    assert path.name not in BROKEN and path.name not in NON_IMAGE
+    assert img.array.dtype == np.float32 and np.isfinite(img.array).all()
+    assert img.array.ndim in (3, 4) and img.array.shape[0] in (1, 3)
+    assert len(img.spacing) == img.array.ndim - 1
+    assert not set(img.meta) & set(IDENTIFYING_TAGS)
+
+
+def test_corpus_file_list_is_complete(shared_data: Path) -> None:
+    names = {p.name for p in (shared_data / "dicom-samples").iterdir()}
+    assert set(BROKEN) | set(NON_IMAGE) | set(COMPRESSED_OK) <= names
+
+
+def test_lossless_codecs_and_colour_match_references(shared_data: Path) -> None:
+    d = shared_data / "dicom-samples"
+    ref = read_image(d / "MR_small.dcm").array
+    for name in ("MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm",
+                 "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+        np.testing.assert_array_equal(read_image(d / name).array, ref, err_msg=name)
+    rgb = read_image(d / "SC_rgb_rle.dcm").array  # lossless RGB reference (3, 100, 100)
+    for name in ("SC_ybr_full_422_uncompressed.dcm", "SC_rgb_dcmtk_+eb+cy+n2.dcm"):  # YBR → RGB
+        ybr = read_image(d / name).array
+        assert ybr.shape == rgb.shape and np.abs(ybr - rgb).mean() < 5, name
+    multi = read_image(d / "examples_ybr_color.dcm")
+    assert multi.array.shape == (3, 30, 240, 320) and len(multi.spacing) == 3
+
+
+def test_real_nifti_samples(shared_data: Path) -> None:
+    d = shared_data / "nifti-samples"
+    anat = read_image(d / "anatomical.nii")
+    assert anat.array.shape == (1, 25, 41, 33) and anat.spacing == pytest.approx((2.0, 2.0, 2.0))
+    std = read_image(d / "standard.nii.gz")
+    assert std.array.shape == (1, 7, 5, 4) and std.spacing == pytest.approx((2.0, 3.0, 1.0))
+    for name in ("example4d.nii.gz", "functional.nii"):
+        with pytest.raises(UnreadableFileError, match="4D volume"):
+            read_image(d / name)
+    with pytest.raises(UnreadableFileError, match="NaN/Inf"):
+        read_image(d / "resampled_anat_moved.nii")
+
+
+def test_ct_contrast_tcga_is_hounsfield(shared_data: Path) -> None:
+    files = sorted((shared_data / "ct-contrast-tcga" / "dicom").glob("*.dcm"))
+    assert len(files) == 100
+    air = []
+    for path in files:
+        img = read_image(path)
+        assert img.is_hu and img.modality == "CT" and img.array.shape == (1, 512, 512)
+        assert -3100 <= img.array.min() and img.array.max() <= 4000
+        air.append(float(((img.array > -1100) & (img.array < -900)).mean()))
+    assert min(air) > 0.02 and np.median(air) > 0.2  # air around the body reads ≈ -1000 HU
+
+
+def test_series_from_real_slices(tmp_path: Path, shared_data: Path) -> None:
+    src = shared_data / "dicom-samples" / "CT_small.dcm"
+    for i in range(3):
+        ds = pydicom.dcmread(src)
+        ds.ImagePositionPatient = [0.0, 0.0, 10.0 - 3.0 * i]
+        ds.SOPInstanceUID = generate_uid()
+        ds.save_as(tmp_path / f"{i}.dcm")
+    shutil.copy(shared_data / "dicom-samples" / "test-SR.dcm", tmp_path / "report.dcm")  # skipped
+    img = read_image(tmp_path)
+    assert img.array.shape == (1, 3, 128, 128) and img.spacing[0] == pytest.approx(3.0)
