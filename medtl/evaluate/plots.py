@@ -1,0 +1,246 @@
+"""Evaluation figures written as PNG files: ROC curves, confusion matrices, training curves.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and written by the Agg
+renderer, without pyplot: no global figure registry to leak figures into during long
+cross-validation runs, no display needed on servers/CI, and importing this module does
+not switch the backend of a user's notebook session (a module-level
+``matplotlib.use("Agg")`` would).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+from medtl.errors import DataError
+
+__all__ = ["plot_roc", "plot_confusion", "plot_training_curves"]
+
+_DPI = 110
+# history keys that are bookkeeping, not curves
+_NOT_CURVES = {"epoch", "fold", "step", "lr", "time", "seconds", "elapsed_s"}
+
+
+def plot_roc(
+    y_true: np.ndarray,
+    proba: np.ndarray,
+    class_names: Sequence[str],
+    path: str | Path,
+    *,
+    fold_ids: np.ndarray | None = None,
+    title: str = "ROC",
+) -> Path:
+    """Plot ROC curves to a PNG file.
+
+    Binary (``K == 2``): the pooled ROC of ``proba[:, 1]`` with its AUC in the legend,
+    plus one thin curve per fold when ``fold_ids`` is given. Multiclass: one
+    one-vs-rest curve per class. Curves that are undefined (a class absent) are skipped.
+
+    Args:
+        y_true: ``(N,)`` integer class indices.
+        proba: ``(N, K)`` class probabilities.
+        class_names: ``K`` names, in class-index order.
+        path: output PNG file (parent folders are created).
+        fold_ids: optional ``(N,)`` outer-fold index of each case.
+        title: figure title.
+
+    Returns:
+        The written path.
+
+    Example:
+        >>> y = np.array([0, 0, 1, 1]); p = np.array([[.9, .1], [.6, .4], [.3, .7], [.2, .8]])
+        >>> plot_roc(y, p, ["benign", "malignant"], "/tmp/roc.png").name
+        'roc.png'
+    """
+    y, p = _check_probs(y_true, proba, class_names)
+    fig, ax = _subplots(1, 1, (5.5, 5.0))
+    ax = ax[0][0]
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="chance")
+    if p.shape[1] == 2:
+        if fold_ids is not None:
+            folds = np.asarray(fold_ids)
+            if folds.shape != y.shape:
+                raise DataError(f"plot_roc: 'fold_ids' must have one entry per case ({len(y)}); got shape {folds.shape}.")
+            for i, fold in enumerate(np.unique(folds)):
+                sel = folds == fold
+                if len(np.unique(y[sel])) < 2:
+                    continue
+                fpr, tpr, _ = roc_curve(y[sel], p[sel, 1])
+                ax.plot(fpr, tpr, linewidth=0.8, alpha=0.45, color="tab:blue",
+                        label="single folds" if i == 0 else None)
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, p[:, 1])
+            auc = roc_auc_score(y, p[:, 1])
+            ax.plot(fpr, tpr, linewidth=2.2, color="tab:red",
+                    label=f"{class_names[1]} vs {class_names[0]} (pooled AUC = {auc:.3f})")
+    else:
+        for k, name in enumerate(class_names):
+            pos = (y == k).astype(int)
+            if pos.min() == pos.max():
+                continue
+            fpr, tpr, _ = roc_curve(pos, p[:, k])
+            ax.plot(fpr, tpr, linewidth=1.8, label=f"{name} vs rest (AUC = {roc_auc_score(pos, p[:, k]):.3f})")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate (1 - specificity)",
+           ylabel="True positive rate (sensitivity)", title=title)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_confusion(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    class_names: Sequence[str],
+    path: str | Path,
+    *,
+    normalize: bool = False,
+    title: str = "Confusion matrix",
+) -> Path:
+    """Plot a confusion matrix (rows: true class, columns: predicted) to a PNG file.
+
+    Cells show counts; with ``normalize=True`` the colours and the first number are the
+    share of each true class (row) and the count follows in brackets. Drawn with
+    ``imshow`` rather than sklearn's ``ConfusionMatrixDisplay``, which cannot annotate
+    a cell with both the share and the count.
+
+    Args:
+        y_true: ``(N,)`` true class indices.
+        y_pred: ``(N,)`` predicted class indices.
+        class_names: ``K`` names, in class-index order.
+        path: output PNG file.
+        normalize: colour by row share instead of counts.
+        title: figure title.
+
+    Returns:
+        The written path.
+
+    Example:
+        >>> plot_confusion([0, 1, 1], [0, 1, 0], ["a", "b"], "/tmp/cm.png").suffix
+        '.png'
+    """
+    y, yp = np.asarray(y_true), np.asarray(y_pred)
+    k = len(class_names)
+    if y.ndim != 1 or y.shape != yp.shape or len(y) == 0:
+        raise DataError(f"plot_confusion expects non-empty 1-D 'y_true' and 'y_pred' of equal length; got {y.shape} and {yp.shape}.")
+    for name, arr in (("y_true", y), ("y_pred", yp)):
+        if arr.min() < 0 or arr.max() >= k:
+            raise DataError(f"plot_confusion: '{name}' holds class indices outside 0..{k - 1} ({k} class_names given).")
+    cm = confusion_matrix(y, yp, labels=np.arange(k))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(cm.sum(1, keepdims=True) > 0, cm / cm.sum(1, keepdims=True), 0.0)
+    shown = share if normalize else cm
+    size = max(4.0, 1.0 + 0.9 * k)
+    fig, ax = _subplots(1, 1, (size + 1.0, size))
+    ax = ax[0][0]
+    im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(1, cm.max()))
+    fig.colorbar(im, ax=ax, shrink=0.85, label="share of true class" if normalize else "cases")
+    for i in range(k):
+        for j in range(k):
+            text = f"{share[i, j]:.2f}\n({cm[i, j]})" if normalize else f"{cm[i, j]}"
+            dark = shown[i, j] > 0.5 * (1 if normalize else max(1, cm.max()))
+            ax.text(j, i, text, ha="center", va="center", fontsize=10, color="white" if dark else "black")
+    ax.set_xticks(np.arange(k), labels=list(class_names), rotation=30 if k > 3 else 0, ha="right" if k > 3 else "center")
+    ax.set_yticks(np.arange(k), labels=list(class_names))
+    ax.set(xlabel="Predicted class", ylabel="True class", title=title)
+    return _save(fig, path)
+
+
+def plot_training_curves(history: list[dict], path: str | Path, *, title: str = "Training") -> Path:
+    """Plot loss and metric curves per epoch, one line per fold, to a PNG file.
+
+    Keys containing ``"loss"`` go in the left panel; other numeric keys (``val_auc``,
+    ``val_acc``, ...; not ``epoch``/``fold``/``lr``) go in the right panel. Training
+    series are solid, validation series dashed.
+
+    Args:
+        history: per-epoch dicts, e.g. ``{"epoch": 1, "train_loss": 0.6,
+            "val_loss": 0.7, "val_auc": 0.8, "fold": 0}``; ``fold`` is optional.
+        path: output PNG file.
+        title: figure title.
+
+    Returns:
+        The written path.
+
+    Example:
+        >>> h = [{"epoch": e, "train_loss": 1 / e, "val_auc": 0.5 + e / 10} for e in (1, 2, 3)]
+        >>> plot_training_curves(h, "/tmp/train.png").exists()
+        True
+    """
+    if not isinstance(history, (list, tuple)) or not history or not all(isinstance(h, dict) for h in history):
+        raise DataError("plot_training_curves expects a non-empty list of per-epoch dicts, e.g. "
+                        "[{'epoch': 1, 'train_loss': 0.6, 'val_auc': 0.8}]. Got an empty or invalid history.")
+    keys: list[str] = []
+    for rec in history:
+        for key, val in rec.items():
+            if key not in _NOT_CURVES and key not in keys and _is_number(val):
+                keys.append(key)
+    loss_keys = [k for k in keys if "loss" in k]
+    metric_keys = [k for k in keys if "loss" not in k]
+    panels = [(ks, lab) for ks, lab in ((loss_keys, "loss"), (metric_keys, "metric")) if ks]
+    if not panels:
+        raise DataError("plot_training_curves: the history holds no numeric series to plot "
+                        "(expected keys such as 'train_loss', 'val_loss', 'val_auc').")
+    folds = sorted({rec.get("fold", 0) for rec in history}, key=str)
+    colours = matplotlib.colormaps["tab10"]
+    fig, axes = _subplots(1, len(panels), (5.5 * len(panels), 4.2))
+    for ax, (panel_keys, ylabel) in zip(axes[0], panels):
+        for f_i, fold in enumerate(folds):
+            recs = [r for r in history if r.get("fold", 0) == fold]
+            for s_i, key in enumerate(panel_keys):
+                pts = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(recs) if _is_number(r.get(key))]
+                if not pts:
+                    continue
+                x, v = zip(*pts)
+                label = key if len(folds) == 1 else f"fold {fold} {key}"
+                ax.plot(x, v, color=colours((f_i * len(panel_keys) + s_i) % 10 if len(folds) == 1 else f_i % 10),
+                        linestyle="--" if key.startswith("val") else "-", marker="o" if len(x) < 30 else None,
+                        markersize=3, linewidth=1.4, label=label)
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=1 if len(folds) * len(panel_keys) <= 8 else 2)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_probs(y_true: object, proba: object, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    p = np.asarray(proba, dtype=np.float64)
+    if y.ndim != 1 or p.ndim != 2 or len(y) != len(p) or len(y) == 0:
+        raise DataError(f"plot_roc expects 'y_true' (N,) and 'proba' (N, K); got {y.shape} and {p.shape}.")
+    if len(class_names) != p.shape[1]:
+        raise DataError(f"plot_roc: {len(class_names)} class_names given but 'proba' has {p.shape[1]} columns.")
+    if y.min() < 0 or y.max() >= p.shape[1]:
+        raise DataError(f"plot_roc: 'y_true' holds class indices outside 0..{p.shape[1] - 1}.")
+    return y.astype(np.int64), p
+
+
+def _subplots(rows: int, cols: int, figsize: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    """A pyplot-free figure with an Agg canvas and a ``(rows, cols)`` array of axes."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out, dpi=_DPI, format="png")
+    finally:
+        fig.clear()  # release artists now; no pyplot registry holds the figure
+    return out
