@@ -1,0 +1,299 @@
+"""The self-contained HTML saliency report.
+
+:func:`write_report` renders ``templates/report.html.j2`` (Jinja2, autoescaping on) into
+ONE file: every image is embedded as a ``data:image/png;base64,`` URI, the CSS is inline,
+and a Content-Security-Policy forbids every network load, so the page opens offline in any
+browser and can be attached to an e-mail or a ticket as is.
+
+Privacy: the page names cases by ``case_id`` only. Keys that name a file-system location
+or an identifying DICOM attribute (``path``, ``*_path``, ``*_dir``, ``*_file``, ``*Path``,
+``patient_name``, ``patient_id``, every keyword in
+:data:`medtl.data.privacy.IDENTIFYING_TAGS` in any spelling) and values that are paths
+(``os.PathLike``, or strings that start like an absolute path) are never rendered; the page
+lists the names of the withheld keys so their absence is visible.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import numbers
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+
+from medtl.data.privacy import IDENTIFYING_TAGS
+from medtl.errors import UnreadableFileError
+
+__all__ = ["write_report", "METRIC_SECTION_TITLES"]
+
+#: Headings of the metric summary tables, by the key they have in ``metrics.json``.
+METRIC_SECTION_TITLES: dict[str, str] = {
+    "pooled": "Pooled over all folds",
+    "test": "Official test split",
+    "val": "Validation split",
+}
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _norm_key(key: object) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(key).lower())
+
+
+_WITHHELD_KEYS = frozenset({"path", "patientname", "patientid", "filename", "filepath",
+                            *(_norm_key(t) for t in IDENTIFYING_TAGS)})
+_WITHHELD_LAST_WORDS = frozenset({"path", "paths", "dir", "directory", "file", "filename",
+                                  "filepath", "folder", "uri", "url"})
+_ABS_PATH = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\|file:)")
+
+
+def write_report(
+    path: str | Path,
+    *,
+    title: str,
+    run_info: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    plots: Mapping[str, str | Path | bytes],
+    cases: Sequence[Mapping[str, Any]],
+    sanity: Mapping[str, Any] | None = None,
+    notes: Sequence[str] | None = None,
+) -> Path:
+    """Write the saliency report as one self-contained HTML file.
+
+    Args:
+        path: output ``.html`` file (parent folders are created; written atomically).
+        title: page title.
+        run_info: run facts shown as a key/value table (``config_name``, ``model``,
+            ``weights``, ``n_cases``, ``n_patients``, ``created``, ``medtl_version``...).
+        metrics: the run's ``metrics.json``: k-fold form ``{"folds": [{metric: value}, ...],
+            "pooled": {metric: {"value": x, "ci95": [lo, hi]}}}`` or official-split form
+            ``{"test": {metric: {"value": x, "ci95": [lo, hi]}}}``.
+        plots: caption -> PNG file (or PNG bytes), e.g. ROC and calibration curves.
+        cases: one dict per explained case: ``case_id`` (str), ``label``, ``pred``, ``prob``,
+            ``correct``, ``fold``, ``panel_png`` (PNG bytes from
+            :func:`medtl.explain.overlay.panel_png`), ``sanity`` and ``mask_agreement``
+            (dicts or ``None``). Shown grouped as correct / wrong predictions.
+        sanity: run-level randomisation-check summary (key/value), or ``None``.
+        notes: free-text remarks shown as a list.
+
+    Returns:
+        The written path.
+
+    Raises:
+        UnreadableFileError: a plot file is missing or not a PNG.
+        ValueError: a case lacks ``case_id`` or a PNG ``panel_png``.
+
+    Example:
+        >>> write_report("out/report.html", title="CT contrast", run_info={"model": "resnet18"},
+        ...              metrics={"test": {"auc": {"value": 0.91, "ci95": [0.85, 0.96]}}},
+        ...              plots={"ROC": "out/roc.png"}, cases=[])          # doctest: +SKIP
+        PosixPath('out/report.html')
+    """
+    withheld: set[str] = set()
+    context = {
+        "title": str(title),
+        "run_info": _items(run_info, withheld),
+        "metric_tables": _metric_tables(metrics),
+        "fold_table": _fold_table(metrics),
+        "plots": [{"caption": str(k), "src": _data_uri(_read_png(k, v))} for k, v in plots.items()],
+        "sanity": _items(sanity, withheld) if sanity else [],
+        "sanity_passed": (sanity or {}).get("passed"),
+        "notes": [str(n) for n in (notes or [])],
+    }
+    views = [_case_view(i, c, withheld) for i, c in enumerate(cases)]
+    context["groups"] = [
+        {"key": "correct", "title": "Correct predictions",
+         "cases": [v for v in views if v["correct"]]},
+        {"key": "wrong", "title": "Wrong predictions",
+         "cases": [v for v in views if not v["correct"]]},
+    ]
+    context["n_cases"] = len(views)
+    context["withheld"] = sorted(withheld)
+    html = _environment().get_template("report.html.j2").render(**context)
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(html)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+@lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("medtl.explain", "templates"),
+        autoescape=True,  # every value is escaped; the template never uses |safe
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = _fmt
+    return env
+
+
+def _case_view(index: int, case: Mapping[str, Any], withheld: set[str]) -> dict[str, Any]:
+    """Template-ready dict for one case (only known keys are read)."""
+    case_id = case.get("case_id")
+    if not isinstance(case_id, str) or not case_id:
+        raise ValueError(f"cases[{index}] needs a non-empty string 'case_id'; got {case_id!r}.")
+    png = case.get("panel_png")
+    if not isinstance(png, (bytes, bytearray)) or not bytes(png).startswith(_PNG_MAGIC):
+        raise ValueError(
+            f"cases[{index}] ({case_id}) needs 'panel_png' as PNG bytes (from "
+            f"medtl.explain.overlay.panel_png); got {type(png).__name__}."
+        )
+    for key in case:
+        if _withheld(key, case[key]):
+            withheld.add(str(key))
+    correct = case.get("correct")
+    if correct is None:
+        correct = case.get("label") is not None and case.get("label") == case.get("pred")
+    return {
+        "case_id": case_id,
+        "label": case.get("label"),
+        "pred": case.get("pred"),
+        "prob": case.get("prob"),
+        "fold": case.get("fold"),
+        "correct": bool(correct),
+        "src": _data_uri(bytes(png)),
+        "sanity": _items(case.get("sanity"), withheld),
+        "mask_agreement": _items(case.get("mask_agreement"), withheld),
+    }
+
+
+def _items(mapping: Mapping[str, Any] | None, withheld: set[str]) -> list[tuple[str, str]]:
+    """``(key, formatted value)`` pairs, minus the privacy-withheld ones."""
+    if not mapping:
+        return []
+    out = []
+    for key, value in mapping.items():
+        if _withheld(key, value):
+            withheld.add(str(key))
+        else:
+            out.append((str(key), _fmt(value)))
+    return out
+
+
+def _withheld(key: object, value: object) -> bool:
+    """Whether a key/value may reveal a location or an identifying DICOM attribute."""
+    words = re.findall(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])", str(key))  # snake & camel case
+    if _norm_key(key) in _WITHHELD_KEYS or (words and words[-1].lower() in _WITHHELD_LAST_WORDS):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_withheld("", v) for v in value)
+    if isinstance(value, os.PathLike):
+        return True
+    return isinstance(value, str) and bool(_ABS_PATH.match(value.strip()))
+
+
+def _metric_tables(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One ``metric | value | 95% CI`` table per summary section (pooled, test, ...)."""
+    tables = []
+    for section, body in (metrics or {}).items():
+        if section == "folds" or not isinstance(body, Mapping):
+            continue
+        rows = []
+        for name, entry in body.items():
+            if isinstance(entry, Mapping) and "value" in entry:
+                rows.append((str(name), _fmt(entry["value"]), _fmt_ci(entry.get("ci95"))))
+            elif _is_scalar(entry):
+                rows.append((str(name), _fmt(entry), "—"))
+        if rows:
+            title = METRIC_SECTION_TITLES.get(section, str(section).replace("_", " ").capitalize())
+            tables.append({"key": str(section), "title": title, "rows": rows})
+    return tables
+
+
+def _fold_table(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Per-fold table: one row per fold, one column per scalar metric."""
+    folds = (metrics or {}).get("folds")
+    if not isinstance(folds, Sequence) or not folds:
+        return None
+    columns: list[str] = []
+    for fold in folds:
+        for name, value in (fold.items() if isinstance(fold, Mapping) else ()):
+            value = value.get("value") if isinstance(value, Mapping) else value
+            if name != "fold" and _is_scalar(value) and name not in columns:
+                columns.append(str(name))
+    rows = []
+    for i, fold in enumerate(folds):
+        fold = fold if isinstance(fold, Mapping) else {}
+        cells = []
+        for name in columns:
+            value = fold.get(name)
+            cells.append(_fmt(value.get("value") if isinstance(value, Mapping) else value))
+        rows.append((_fmt(fold.get("fold", i)), cells))
+    return {"columns": columns, "rows": rows}
+
+
+def _read_png(caption: object, source: str | Path | bytes) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+        if not data.startswith(_PNG_MAGIC):
+            raise UnreadableFileError(f"<plot {caption!s}>", "not PNG data")
+        return data
+    try:
+        data = Path(source).read_bytes()
+    except OSError as err:
+        raise UnreadableFileError(source, f"plot {caption!s} could not be read "
+                                          f"({err.strerror or err})") from None
+    if not data.startswith(_PNG_MAGIC):
+        raise UnreadableFileError(source, f"plot {caption!s} is not a PNG file; save plots "
+                                          "with savefig(..., format='png')")
+    return data
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, (numbers.Number, np.bool_, str))
+
+
+def _fmt(value: object) -> str:
+    """Human format: 3 decimals for floats, yes/no for bools, '—' for missing/NaN."""
+    if value is None:
+        return "—"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        v = float(value)  # numpy floats too
+        if math.isnan(v):
+            return "—"
+        if v.is_integer() and abs(v) >= 1000:
+            return f"{v:.0f}"
+        return f"{v:.3f}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:.3g}"
+    if isinstance(value, Mapping) and {"spearman", "passed", "threshold"} <= value.keys():
+        # a randomization_check result: the verdict first, then the evidence
+        verdict = "passed" if value["passed"] else "FAILED"
+        return (f"{verdict} (Spearman rho {_fmt(value['spearman'])}; "
+                f"passes when |rho| < {_fmt(value['threshold'])})")
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items() if not _withheld(k, v))
+    if isinstance(value, (list, tuple)):
+        shown = ", ".join(_fmt(v) for v in value[:12])
+        return shown + (f", … ({len(value)} in all)" if len(value) > 12 else "")
+    return str(value)
+
+
+def _fmt_ci(ci: object) -> str:
+    if isinstance(ci, (list, tuple)) and len(ci) == 2:
+        lo, hi = _fmt(ci[0]), _fmt(ci[1])
+        return "—" if "—" in (lo, hi) else f"{lo} – {hi}"
+    return "—"
