@@ -1,0 +1,182 @@
+"""The ``medtl`` command line: one explicit subcommand per workflow.
+
+    medtl demo [--out DIR]                      offline demo: synthetic DICOM -> 5-fold CV -> report
+    medtl audit MANIFEST|CONFIG --out DIR       data audit (exit 0 clean, 1 findings)
+    medtl train CONFIG --out DIR [--set k=v]    official split: train / val / test
+    medtl cv CONFIG --out DIR [--set k=v]       patient-grouped stratified k-fold
+    medtl explain RUN_DIR [--out DIR]           Grad-CAM / IG saliency report.html
+    medtl weights list | show NAME | verify NAME
+
+User errors (bad config, data or weights) print one clear message and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from medtl.errors import MedtlError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="medtl: transfer learning for medical imaging, with patient-grouped evaluation "
+                       "and checked saliency reports.")
+weights_app = typer.Typer(no_args_is_help=True, help="List, show and verify pretrained weight records.")
+app.add_typer(weights_app, name="weights")
+console = Console(stderr=True)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config value, e.g. "
+                                                     "--set train.epochs=5 (repeatable).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning MedtlError into exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except MedtlError as err:
+        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, markup=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume finished folds.")
+        sys.exit(130)
+
+
+@app.command()
+def train(config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/breastmnist.yaml")],
+          out: OutOpt = Path("runs/train"), set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Official split: train on train, select the best epoch on val, report on test with CIs."""
+    from medtl.config import load_config
+    from medtl.evaluate.runs import train_official
+
+    cfg = load_config(config, set_)
+    train_official(cfg, out, progress=not quiet)
+    console.print(f"wrote {out}/metrics.json, predictions.csv, roc.png, confusion.png, checkpoints/")
+
+
+@app.command()
+def cv(config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/ct_contrast.yaml")],
+       out: OutOpt = Path("runs/cv"), set_: SetOpt = None, quiet: QuietOpt = False,
+       resume: Annotated[bool, typer.Option(help="Reuse folds finished by an earlier run in --out.")] = True) -> None:
+    """k-fold CV, stratified and grouped by patient, with pooled out-of-fold metrics and patient-bootstrap CIs."""
+    from medtl.config import load_config
+    from medtl.evaluate.runs import cross_validate
+
+    cfg = load_config(config, set_)
+    cross_validate(cfg, out, resume=resume, progress=not quiet)
+    console.print(f"wrote {out}/metrics.json, predictions.csv, roc.png, confusion.png, checkpoints/")
+
+
+@app.command()
+def explain(run_dir: Annotated[Path, typer.Argument(help="A finished train or cv run directory.")],
+            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write report.html "
+                                                        "(default: the run directory).")] = None,
+            set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Saliency (Grad-CAM, Integrated Gradients) on correct and wrong out-of-fold cases, with sanity checks."""
+    from medtl.explain.run import explain_run
+
+    path = explain_run(run_dir, out, overrides=set_, progress=not quiet)
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def audit(source: Annotated[Path, typer.Argument(help="A manifest CSV (path,label,patient_id[,site]) or a YAML config.")],
+          out: OutOpt = Path("runs/audit"), set_: SetOpt = None, quiet: QuietOpt = False,
+          reveal_ids: Annotated[bool, typer.Option(help="Show real patient IDs instead of pseudonyms.")] = False) -> None:
+    """Check a dataset before training: balance, unreadable files, duplicates, label conflicts, confounders.
+
+    Exits 0 when clean, 1 when there are findings (see DIR/audit.json)."""
+    from medtl.data import run_audit
+    from medtl.data.audit import has_findings, print_audit_summary
+
+    report = run_audit(source, out, overrides=set_, progress=not quiet, reveal_ids=reveal_ids)
+    print_audit_summary(report, console)
+    console.print(f"wrote {out}/audit.json")
+    raise typer.Exit(1 if has_findings(report) else 0)
+
+
+@app.command()
+def demo(out: OutOpt = Path("medtl-demo"), quiet: QuietOpt = False,
+         set_: SetOpt = None) -> None:
+    """Offline demo: writes synthetic two-site CT DICOM, runs 5-fold CV with ImageNet EfficientNet-Lite0, writes report.html."""
+    summary = run_demo(out, overrides=set_, progress=not quiet)
+    console.print(f"\n[bold green]Demo finished in {summary['seconds']:.0f} s.[/] Open {summary['report']} in a browser.")
+
+
+def run_demo(out_dir: str | Path = "medtl-demo", *, overrides: list[str] | None = None, progress: bool = True) -> dict:
+    """The demo as a function (also ``medtl.demo``); returns paths and timing."""
+    from medtl.config import load_config
+    from medtl.data.demo import make_demo_dataset
+    from medtl.evaluate.runs import cross_validate
+    from medtl.explain.run import explain_run
+
+    t0 = time.time()
+    out = Path(out_dir)
+    manifest = make_demo_dataset(out / "demo_data")
+    console.print(f"wrote synthetic CT DICOM dataset: {manifest}")
+    cfg = load_config(_demo_config(manifest), overrides)
+    run = out / "run"
+    metrics = cross_validate(cfg, run, progress=progress)
+    report = explain_run(run, None, progress=progress)
+    return {"run_dir": str(run), "report": str(report), "metrics": metrics["pooled"], "seconds": time.time() - t0}
+
+
+def _demo_config(manifest: Path) -> dict:
+    from importlib.resources import files
+
+    import yaml
+
+    cfg = yaml.safe_load(files("medtl.data").joinpath("demo.yaml").read_text())
+    cfg["data"]["path"] = str(manifest.resolve())
+    return cfg
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """All registered weight records."""
+    from rich.table import Table
+
+    from medtl.models.records import list_records
+
+    t = Table(title="medtl weight records (any timm model name also works)")
+    for col in ("name", "source", "licence", "input", "mean/std", "description"):
+        t.add_column(col)
+    for r in list_records():
+        t.add_row(r.name, r.source, r.license, "x".join(map(str, r.input_size)),
+                  f"{r.mean}/{r.std}", r.description)
+    Console().print(t)
+
+
+@weights_app.command("show")
+def weights_show(name: str) -> None:
+    """One record as JSON."""
+    from medtl.models.records import resolve_record
+
+    print(json.dumps(resolve_record(name).to_dict(), indent=2))
+
+
+@weights_app.command("verify")
+def weights_verify(name: str) -> None:
+    """Locate the record's file, check its sha256 and load it strictly into the architecture."""
+    from medtl.models.encoders import create_encoder
+    from medtl.models.records import resolve_record
+    from medtl.models._sources import locate_weight_file, sha256_file
+
+    rec = resolve_record(name)
+    if rec.source in ("pypi", "local", "url"):
+        path = locate_weight_file(rec)
+        console.print(f"{rec.name}: {path}\n  sha256 {sha256_file(path)} (expected {rec.sha256 or 'unrecorded'})")
+    create_encoder(rec.name, num_classes=rec.num_classes, in_chans=rec.in_chans)
+    console.print(f"[green]{rec.name}: OK[/] (loaded strictly into {rec.architecture})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
