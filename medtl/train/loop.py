@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 from dataclasses import dataclass, field
 
@@ -57,8 +56,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _set_threads(cfg: TrainConfig) -> None:
-    n = cfg.num_threads or os.cpu_count() or 1
-    torch.set_num_threads(n)
+    """Only when asked: torch's default (physical cores, or OMP_NUM_THREADS) is usually right."""
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
 
 
 def _schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
