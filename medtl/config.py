@@ -90,6 +90,8 @@ class DataConfig(_Strict):
     class_names: list[str] | None = None
     spatial_dims: Literal[2, 3] = 2
     image_size: list[int] = Field(default_factory=lambda: [224, 224])
+    spacing: list[float] | None = Field(None, description="resample to this pixel size (mm) then crop/pad; "
+                                        "null = plain resize to image_size")
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
     on_error: Literal["raise", "skip"] = "raise"
     max_cases: int | None = None

@@ -71,12 +71,14 @@ def load_cases(data: DataConfig, path: str | Path) -> list[Case]:
     return cases
 
 
-def _decode(case: Case) -> np.ndarray:
+def _decode(case: Case) -> tuple[np.ndarray, tuple[float, ...] | None]:
+    """Raw channel-first pixels and their spacing in mm (``None`` when unknown)."""
     if case.array is not None:
-        return np.asarray(case.array, dtype=np.float32)
+        return np.asarray(case.array, dtype=np.float32), None
     from medtl.data.readers import read_image
 
-    return read_image(case.path).array
+    img = read_image(case.path)
+    return img.array, tuple(img.spacing)
 
 
 def prepare(cfg: Config, cases: Sequence[Case] | None = None, *, progress: bool = True,
@@ -90,17 +92,22 @@ def prepare(cfg: Config, cases: Sequence[Case] | None = None, *, progress: bool 
     data = cfg.data
     if cases is None:
         cases = load_cases(data, cfg.resolved_data_path())
-    transform = preprocess_transform(data.intensity, data.image_size)
+    transform = preprocess_transform(data.intensity, data.image_size, spacing=data.spacing)
     want_dims = len(data.image_size)
     images, kept, skipped = [], [], []
     for case in _progress(cases, "Decoding scans", progress):
         try:
-            raw = _decode(case)
+            raw, spacing = _decode(case)
             raw = _match_dims(raw, want_dims, case)
+            if spacing is not None and len(spacing) != want_dims:
+                spacing = spacing[-want_dims:]
             if not np.isfinite(raw).all():
                 raise UnreadableFileError(case.path or case.case_id,
                                           f"{int((~np.isfinite(raw)).sum())} NaN/Inf pixel values")
-            images.append(transform(raw))
+            if data.spacing is not None and spacing is None:
+                raise UnreadableFileError(case.path or case.case_id, "data.spacing is set but this image has "
+                                          "no known pixel spacing; use data.spacing: null (plain resize)")
+            images.append(transform(raw, spacing))
             kept.append(case)
         except UnreadableFileError as err:
             skipped.append({"case_id": case.case_id, "path": case.path, "reason": err.reason})

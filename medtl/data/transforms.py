@@ -18,9 +18,11 @@ from monai.transforms import (
     RandScaleIntensity,
     RandShiftIntensity,
     Resize,
+    ResizeWithPadOrCrop,
     ScaleIntensity,
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
+    Zoom,
 )
 
 from medtl.config import AugmentConfig, IntensityConfig
@@ -71,20 +73,32 @@ def _to_grey(x):
     return x
 
 
-def preprocess_transform(intensity: IntensityConfig, image_size: list[int] | tuple[int, ...]):
-    """Deterministic pipeline applied once per file: grey -> [0, 1] -> resize.
+def preprocess_transform(intensity: IntensityConfig, image_size: list[int] | tuple[int, ...], *,
+                         spacing: list[float] | None = None):
+    """Deterministic pipeline applied once per file: grey -> [0, 1] -> geometry.
 
-    Input ``(C, *S)`` raw values; output float32 NumPy ``(1, *image_size)`` in [0, 1].
+    Geometry: without ``spacing`` the image is resized to ``image_size`` (aspect ratio not
+    kept, the usual choice for pretrained 2D encoders). With ``spacing`` (mm per axis) it is
+    first resampled to that pixel size, keeping physical proportions, then centre-cropped or
+    zero-padded to ``image_size`` (MONAI ``Zoom`` + ``ResizeWithPadOrCrop``).
+
+    Returns ``run(x, spacing_in=None)``: input ``(C, *S)`` raw values, output float32 NumPy
+    ``(1, *image_size)`` in [0, 1].
     """
-    chain = Compose([
-        Lambda(_to_grey),
-        intensity_transform(intensity),
-        Resize(spatial_size=tuple(image_size), mode="bilinear" if len(image_size) == 2 else "trilinear",
-               anti_aliasing=True),
-    ])
+    mode = "bilinear" if len(image_size) == 2 else "trilinear"
+    head = Compose([Lambda(_to_grey), intensity_transform(intensity)])
+    resize = Resize(spatial_size=tuple(image_size), mode=mode, anti_aliasing=True)
+    fit = ResizeWithPadOrCrop(spatial_size=tuple(image_size))
 
-    def run(x: np.ndarray) -> np.ndarray:
-        out = chain(x)
+    def run(x: np.ndarray, spacing_in: tuple[float, ...] | None = None) -> np.ndarray:
+        out = head(x)
+        if spacing is None:
+            out = resize(out)
+        else:
+            if spacing_in is None:
+                raise ValueError("resampling to data.spacing needs the image's own spacing")
+            zoom = [float(a) / float(b) for a, b in zip(spacing_in, spacing)]
+            out = fit(Zoom(zoom=zoom, mode=mode, keep_size=False)(out))
         return np.asarray(out.detach().cpu().numpy() if hasattr(out, "detach") else out, dtype=np.float32)
 
     return run

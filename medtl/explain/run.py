@@ -30,6 +30,7 @@ from medtl.train.checkpoint import load_checkpoint
 __all__ = ["explain_run", "select_cases"]
 
 _METHOD_TITLES = {"gradcam": "Grad-CAM", "ig": "Integrated Gradients"}
+_REPORT_METRICS = ("pooled", "test", "val", "folds", "bootstrap", "class_counts")
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
@@ -127,7 +128,7 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
         "medtl_version": __version__,
     }
     return write_report(out / "report.html", title=f"medtl report: {cfg.name}", run_info=run_info,
-                        metrics=metrics, plots=plots, cases=items, sanity=_sanity_summary(items),
+                        metrics={k: metrics[k] for k in _REPORT_METRICS if k in metrics}, plots=plots, cases=items, sanity=_sanity_summary(items),
                         notes=_notes(metrics, items))
 
 

@@ -108,3 +108,16 @@ def test_prepare_decodes_once_and_lists_unreadable(tmp_path, monkeypatch, shared
     assert len(calls) == 4  # each file decoded exactly once
     assert data.images.shape == (2, 1, 32, 32) and len(data.skipped) == 2
     assert all(s["reason"] for s in data.skipped)
+
+
+def test_resample_keeps_physical_size():
+    """A 100 mm disc imaged at 1 mm and at 0.5 mm pixels is the same size after resampling to 2 mm."""
+    t = preprocess_transform(IntensityConfig(mode="minmax"), [64, 64], spacing=[2.0, 2.0])
+    yy, xx = np.mgrid[:200, :200]
+    coarse = ((yy - 100) ** 2 + (xx - 100) ** 2 < 50 ** 2).astype(np.float32)[None]
+    yy, xx = np.mgrid[:400, :400]
+    fine = ((yy - 200) ** 2 + (xx - 200) ** 2 < 100 ** 2).astype(np.float32)[None]
+    a, b = t(coarse, (1.0, 1.0)), t(fine, (0.5, 0.5))
+    assert a.shape == b.shape == (1, 64, 64)
+    assert abs(float((a > 0.5).sum()) - float((b > 0.5).sum())) < 30
+    assert abs(float((a > 0.5).sum()) - np.pi * 25 ** 2) < 120
