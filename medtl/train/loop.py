@@ -154,6 +154,9 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     bs = min(cfg.batch_size, len(x_train))
     steps = max(1, len(x_train) // bs)  # drop the last partial batch (BatchNorm needs > 1 sample)
     sched = _schedule(opt, cfg, steps)
+    # float16 autocast (GPUs without bf16) needs loss scaling; bf16 and fp32 do not.
+    fp16 = use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     gen = np.random.default_rng(cfg.seed)
     best = (-math.inf, 0, None)
     history = []
@@ -169,8 +172,9 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             with _autocast(device, use_amp):
                 loss = criterion(model(xb).float(), yb)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             losses.append(float(loss.detach()))
             if task is not None:
