@@ -111,6 +111,9 @@ def demo(out: OutOpt = Path("medtl-demo"), quiet: QuietOpt = False,
     console.print(f"\n[bold green]Demo finished in {summary['seconds']:.0f} s.[/] Open {summary['report']} in a browser.")
 
 
+DEMO_PATIENTS = 32  # 128 slices: enough for 5 folds of >= 6 patients, small enough for <= 10 min on 2 cores
+
+
 def run_demo(out_dir: str | Path = "medtl-demo", *, overrides: list[str] | None = None, progress: bool = True) -> dict:
     """The demo as a function (also ``medtl.demo``); returns paths and timing."""
     from medtl.config import load_config
@@ -120,7 +123,7 @@ def run_demo(out_dir: str | Path = "medtl-demo", *, overrides: list[str] | None 
 
     t0 = time.time()
     out = Path(out_dir)
-    manifest = make_demo_dataset(out / "demo_data")
+    manifest = make_demo_dataset(out / "demo_data", n_patients=DEMO_PATIENTS, slices_per_patient=4, size=96)
     console.print(f"wrote synthetic CT DICOM dataset: {manifest}")
     cfg = load_config(_demo_config(manifest), overrides)
     run = out / "run"
