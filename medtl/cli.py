@@ -40,6 +40,9 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 def main() -> None:
     """Console-script entry point: run the app, turning MedtlError into exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # pydicom's own log lines can quote header values (names, dates): medtl reports file
+    # problems itself, with the file and reason, so pydicom's records are not shown.
+    logging.getLogger("pydicom").propagate = False
     try:
         app()
     except MedtlError as err:
@@ -150,12 +153,13 @@ def weights_list() -> None:
     from medtl.models.records import list_records
 
     t = Table(title="medtl weight records (any timm model name also works)")
-    for col in ("name", "source", "licence", "input", "mean/std", "description"):
+    t.add_column("name", no_wrap=True)
+    for col in ("source", "licence", "input", "mean / std", "description"):
         t.add_column(col)
     for r in list_records():
         t.add_row(r.name, r.source, r.license, "x".join(map(str, r.input_size)),
-                  f"{r.mean}/{r.std}", r.description)
-    Console().print(t)
+                  f"{'/'.join(f'{v:g}' for v in r.mean)} / {'/'.join(f'{v:g}' for v in r.std)}", r.description)
+    Console(width=max(Console().width, 140)).print(t)
 
 
 @weights_app.command("show")

@@ -81,6 +81,9 @@ def quiet() -> Iterator[list[str]]:
     """
     logger = logging.getLogger("pydicom")
     was_disabled, logger.disabled = logger.disabled, True
+    # records of child loggers (pydicom.pixels...) bypass the parent's `disabled` flag but stop
+    # at a parent that does not propagate
+    was_propagating, logger.propagate = logger.propagate, False
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -89,6 +92,7 @@ def quiet() -> Iterator[list[str]]:
             messages.extend(str(w.message) for w in caught)
     finally:
         logger.disabled = was_disabled
+        logger.propagate = was_propagating
 
 
 def has_dicom_magic(path: Path) -> bool:

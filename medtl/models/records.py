@@ -182,8 +182,10 @@ def _record_from_timm(name: str) -> WeightRecord:
 _LITE = {
     0: ("579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", 224,
         "efficientnet-lite0-57934424.pth"),
-    1: (None, 240, "efficientnet-lite1-*.pth"),
-    2: (None, 260, "efficientnet-lite2-*.pth"),
+    1: ("77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850", 240,
+        "efficientnet-lite1-77cc7160.pth"),
+    2: ("9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", 260,
+        "efficientnet-lite2-9656183e.pth"),
 }
 for _i, (_sha, _size, _file) in _LITE.items():
     register(WeightRecord(
