@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,12 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume finished folds.")
         sys.exit(130)
+    except Exception as err:  # a bug in medtl, not the user's input: short message unless debugging
+        if os.environ.get("MEDTL_DEBUG"):
+            raise
+        console.print(f"[bold red]internal error:[/bold red] {type(err).__name__}: {err}\nThis is a medtl bug; "
+                      "rerun with MEDTL_DEBUG=1 to see the traceback and report it.", highlight=False)
+        sys.exit(3)
 
 
 @app.command()

@@ -40,6 +40,7 @@ __all__ = [
     "config_hash",
     "dump_config",
     "shared_data_dir",
+    "expand_path",
 ]
 
 
@@ -177,16 +178,17 @@ class Config(_Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     def resolved_data_path(self) -> Path:
-        return Path(_expand(self.data.path))
+        return Path(expand_path(self.data.path))
 
     def resolved_labels_path(self) -> Path | None:
-        return Path(_expand(self.data.labels.csv)) if self.data.labels else None
+        return Path(expand_path(self.data.labels.csv)) if self.data.labels else None
 
 
 _VAR = re.compile(r"\$\{(\w+)\}")
 
 
-def _expand(value: str) -> str:
+def expand_path(value: str) -> str:
+    """Expand ``${MEDTL_SHARED_DATA}`` (and other ``${VARS}``) and ``~`` in a configured path."""
     def sub(m: re.Match) -> str:
         if m.group(1) == "MEDTL_SHARED_DATA":
             return str(shared_data_dir())

@@ -56,10 +56,10 @@ def load_cases(data: DataConfig, path: str | Path) -> list[Case]:
     elif data.format == "folder":
         if data.labels is None:
             raise DataError("data.format=folder needs a data.labels section (csv, file_column, label_column).")
-        from medtl.config import _expand
+        from medtl.config import expand_path
 
         lab = data.labels
-        cases = read_labelled_folder(path, _expand(lab.csv), file_column=lab.file_column,
+        cases = read_labelled_folder(path, expand_path(lab.csv), file_column=lab.file_column,
                                      label_column=lab.label_column, patient_column=lab.patient_column,
                                      site_column=lab.site_column)
     else:
