@@ -107,8 +107,7 @@ def read_manifest(path: str | Path, *, label_column: str = "label") -> list[Case
                           patient_id=row["patient_id"], site=row.get("site") or None, mask=mask,
                           split=split))
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise DataError(f"Manifest '{path}' has {len(problems)} malformed row(s):\n  {shown}\n"
+        raise DataError(f"Manifest '{path}' has {len(problems)} malformed row(s):\n  {_listing(problems)}\n"
                         "Fix these rows (or remove them deliberately) and run again.")
     if not cases:
         raise DataError(f"Manifest '{path}' has no rows.")
@@ -205,8 +204,13 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_col
         site = (row.get(site_column) or "").strip() or None if site_column else None
         cases.append(Case(case_id=f"row{line:05d}", path=str(path), label=label, patient_id=pid, site=site))
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise DataError(f"Label CSV '{labels_csv}' has {len(problems)} problem(s):\n  {shown}")
+        raise DataError(f"Label CSV '{labels_csv}' has {len(problems)} problem(s):\n  {_listing(problems)}")
     if not cases:
         raise DataError(f"Label CSV '{labels_csv}' has no rows.")
     return cases
+
+
+def _listing(problems: list[str], limit: int = 20) -> str:
+    """The first ``limit`` problems, one per line, and how many more there are."""
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    return "\n  ".join(problems[:limit]) + more
