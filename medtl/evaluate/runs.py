@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,7 @@ def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, pro
     oof = np.zeros((len(data.y), len(data.class_names)))
     fold_of = np.full(len(data.y), -1)
     per_fold, history, thresholds = [], [], []
-    with (_progress() if progress else _Null()) as bar:
+    with (_progress() if progress else nullcontext()) as bar:
         for k, (tr, te) in enumerate(folds):
             record_path = out / "folds" / f"fold{k}.json"
             ckpt = out / "checkpoints" / f"fold{k}"
@@ -201,7 +202,7 @@ def _run_fold(cfg, data, k, tr, te, groups, h, ckpt, device, bar) -> dict:
     tcfg = cfg.train.model_copy(update={"seed": cfg.train.seed + k})
     res = fit(model, data.images[trn], data.y[trn], data.images[val], data.y[val], tcfg,
               num_classes=len(data.class_names), description=f"fold {k + 1}/{cfg.cv.n_splits}",
-              progress=bar if isinstance(bar, Progress) else None)
+              progress=bar)
     p_val = predict_proba(res.model, data.images[val], device=device, tta=cfg.train.tta)
     thr = _threshold(cfg, data.y[val], p_val)
     proba = predict_proba(res.model, data.images[te], device=device, tta=cfg.train.tta)
@@ -237,10 +238,10 @@ def train_official(cfg: Config, out_dir: str | Path, *, progress: bool = True, d
     device = resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     model = _make_model(cfg, len(data.class_names))
-    with (_progress() if progress else _Null()) as bar:
+    with (_progress() if progress else nullcontext()) as bar:
         res = fit(model, data.images[trn], data.y[trn], data.images[val], data.y[val], cfg.train,
                   num_classes=len(data.class_names), description="train",
-                  progress=bar if isinstance(bar, Progress) else None)
+                  progress=bar)
     p_val = predict_proba(res.model, data.images[val], device=device, tta=cfg.train.tta)
     thr = _threshold(cfg, data.y[val], p_val)
     p_test = predict_proba(res.model, data.images[tst], device=device, tta=cfg.train.tta)
@@ -260,11 +261,3 @@ def train_official(cfg: Config, out_dir: str | Path, *, progress: bool = True, d
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _summary(f"{cfg.name}: official test split ({len(tst)} cases)", test)
     return metrics
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

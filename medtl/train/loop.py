@@ -111,15 +111,6 @@ def _autocast(device: torch.device, enabled: bool = True):
     return torch.autocast("cpu", enabled=False)
 
 
-def _score(name: str, y: np.ndarray, proba: np.ndarray, loss: float) -> float:
-    from medtl.evaluate.metrics import compute_metrics
-
-    if name == "loss":
-        return -loss
-    value = compute_metrics(y, proba)[name]
-    return -math.inf if math.isnan(value) else value
-
-
 def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
         cfg: TrainConfig, *, num_classes: int, description: str = "train", progress=None) -> FitResult:
     """Fine-tune ``model`` and keep the weights with the best validation score.
@@ -147,7 +138,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         weight = torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
     decay, no_decay = [], []
-    for n_, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     # fused AdamW: one kernel for all parameters (CPU and CUDA); the per-tensor loop took ~15 %
     # of a CPU training step for EfficientNet-Lite0
@@ -187,8 +178,9 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
                                                 torch.as_tensor(y_val)).item())
         from medtl.evaluate.metrics import compute_metrics
 
-        m = compute_metrics(y_val, proba)
-        score = _score(cfg.select_metric, y_val, proba, val_loss)
+        m = compute_metrics(y_val, proba)  # once per epoch: history and selection share it
+        score = -val_loss if cfg.select_metric == "loss" else m[cfg.select_metric]
+        score = -math.inf if math.isnan(score) else score
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
                         "val_auc": m["auc"], "val_acc": m["acc"], "lr": opt.param_groups[0]["lr"]})
         if score > best[0]:
