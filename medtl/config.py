@@ -53,6 +53,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class WindowSpec(_Strict):
+    """One CT window (HU) for ``intensity.mode: multiwindow``."""
+
+    center: float
+    width: float = Field(..., gt=0)
+
+
 class IntensityConfig(_Strict):
     """How raw pixel values become [0, 1].
 
@@ -62,7 +69,7 @@ class IntensityConfig(_Strict):
     (e.g. 0-255 for 8-bit images); ``minmax``: per-image min-max.
     """
 
-    mode: Literal["window", "percentile", "range", "minmax"] = "percentile"
+    mode: Literal["window", "multiwindow", "percentile", "range", "minmax"] = "percentile"
     preset: Literal["lung", "mediastinum", "bone", "brain", "abdomen"] | None = None
     center: float | None = None
     width: float | None = None
@@ -70,6 +77,9 @@ class IntensityConfig(_Strict):
     upper: float = 99.0
     vmin: float = 0.0
     vmax: float = 255.0
+    # multiwindow: each window becomes one channel (e.g. lung/mediastinum/bone as "RGB")
+    windows: list[WindowSpec | Literal["lung", "mediastinum", "bone", "brain", "abdomen"]] = Field(
+        default_factory=lambda: ["lung", "mediastinum", "bone"])
 
 
 class LabelsConfig(_Strict):
@@ -111,6 +121,49 @@ class ModelConfig(_Strict):
     weights_path: str | None = None
     channel_mapping: Literal["auto", "repeat", "sum"] = "auto"
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    # how a 2D weight set meets 3D data (ignored for native 3D weights such as MedicalNet):
+    # inflate = I3D kernels repeated along depth and rescaled; acs = axial/coronal/sagittal
+    # split of 2D kernels; slices = per-slice 2D encoder + pooling over depth;
+    # channels = slices stacked as input channels (2.5D, stem filters summed)
+    conversion_3d: Literal["inflate", "acs", "slices", "channels"] = "inflate"
+    layout: Literal["auto", "timm", "radimagenet_torch", "radimagenet_keras", "radimagenet_hf",
+                    "medicalnet"] = Field("auto", description="key layout of model.weights_path")
+
+
+class StrategyConfig(_Strict):
+    """How much of the pretrained encoder is trained.
+
+    ``finetune``: everything, one LR; ``llrd``: everything, LR decayed by ``llrd_decay`` per
+    block from the head down; ``gradual_unfreeze``: head first, then one more block every
+    ``unfreeze_every`` epochs; ``partial``: the last ``trainable_blocks`` blocks only;
+    ``adapters`` / ``lora``: encoder frozen, residual adapters or LoRA on the convs trained;
+    ``linear_probe``: frozen encoder, features computed once and cached, sklearn head.
+    """
+
+    name: Literal["finetune", "llrd", "gradual_unfreeze", "partial", "adapters", "lora",
+                  "linear_probe"] = "finetune"
+    llrd_decay: float = Field(0.7, gt=0.0, le=1.0)
+    unfreeze_every: int = Field(2, ge=1)
+    trainable_blocks: int = Field(2, ge=0)
+    adapter_reduction: int = Field(8, ge=1)
+    lora_rank: int = Field(4, ge=1)
+    lora_alpha: float = Field(8.0, gt=0)
+    probe_head: Literal["logistic", "mlp"] = "logistic"
+    probe_C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
+    feature_cache: bool = True
+
+
+class DomainAdaptConfig(_Strict):
+    """Domain adaptation across the manifest's ``site`` column.
+
+    ``target_site``: the site treated as the new hospital (its labels are never used for
+    training; with ``use_target_unlabelled`` its images are). ``none``: source-only.
+    """
+
+    method: Literal["none", "adabn", "dsbn", "dann", "mmd", "coral"] = "none"
+    target_site: str | None = None
+    use_target_unlabelled: bool = True
+    weight: float = Field(1.0, ge=0.0, description="weight of the DANN/MMD/CORAL loss")
 
 
 class AugmentConfig(_Strict):
@@ -139,22 +192,36 @@ class TrainConfig(_Strict):
     seed: int = 0
     tta: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
 
 
 class CVConfig(_Strict):
+    """``kfold``: patient-grouped stratified k-fold; ``repeated``: ``n_repeats`` x k-fold with
+    different shuffles; ``nested``: an inner grouped k-fold picks the ``grid`` point;
+    ``leave_one_site_out``: one fold per site (needs the ``site`` column)."""
+
+    scheme: Literal["kfold", "repeated", "nested", "leave_one_site_out"] = "kfold"
     n_splits: int = Field(5, ge=2)
+    n_repeats: int = Field(1, ge=1)
+    inner_splits: int = Field(3, ge=2)
+    grid: dict[str, list[float | int | str]] = Field(
+        default_factory=dict, description="nested CV grid, dotted keys, e.g. {'train.lr': [3e-4, 1e-3]}")
     val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     seed: int = 0
 
 
 class EvalConfig(_Strict):
     n_bootstrap: int = Field(1000, ge=10)
-    threshold: Literal["fixed", "youden_val"] = "fixed"
+    threshold: Literal["fixed", "youden_val", "sensitivity_val"] = "fixed"
+    target_sensitivity: float = Field(0.9, gt=0.0, lt=1.0)
+    calibration: Literal["none", "temperature"] = "none"
+    ordinal: bool = False
     seed: int = 0
 
 
 class ExplainConfig(_Strict):
-    methods: list[Literal["gradcam", "ig"]] = Field(default_factory=lambda: ["gradcam", "ig"])
+    methods: list[Literal["gradcam", "guided_gradcam", "ig", "gradient_shap", "occlusion", "smoothgrad"]] = Field(
+        default_factory=lambda: ["gradcam", "ig"])
     n_correct: int = Field(4, ge=0)
     n_wrong: int = Field(4, ge=0)
     ig_steps: int = Field(32, ge=2)
@@ -176,6 +243,8 @@ class Config(_Strict):
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    adapt: DomainAdaptConfig = Field(default_factory=DomainAdaptConfig)
+    tracking: Literal["none", "mlflow"] = "none"
 
     def resolved_data_path(self) -> Path:
         return Path(expand_path(self.data.path))
