@@ -17,7 +17,7 @@ import numpy as np
 from medtl.config import Config, DataConfig
 from medtl.data.manifest import Case, read_labelled_folder, read_manifest, read_medmnist
 from medtl.data.transforms import preprocess_transform
-from medtl.errors import DataError, UnreadableFileError
+from medtl.errors import ConfigError, DataError, UnreadableFileError
 
 __all__ = ["PreparedData", "load_cases", "prepare", "load_mask"]
 
@@ -27,7 +27,8 @@ class PreparedData:
     """Cached, preprocessed data of a run.
 
     Attributes:
-        images: float32 ``(N, 1, H, W)`` or ``(N, 1, D, H, W)`` in [0, 1].
+        images: float32 ``(N, K, H, W)`` or ``(N, K, D, H, W)`` in [0, 1]; ``K`` is 1, or the
+            number of windows with ``data.intensity.mode: multiwindow``.
         y: int64 ``(N,)`` class indices into ``class_names``.
         cases: the N kept cases, in order.
         class_names: sorted class names (or the configured order).
@@ -90,6 +91,10 @@ def prepare(cfg: Config, cases: Sequence[Case] | None = None, *, progress: bool 
             with no readable case, or unknown labels with configured ``class_names``.
     """
     data = cfg.data
+    if data.spatial_dims != len(data.image_size):
+        raise ConfigError(f"data.spatial_dims={data.spatial_dims} but data.image_size={list(data.image_size)} has "
+                          f"{len(data.image_size)} entries. Use spatial_dims: 3 with image_size [D, H, W] for "
+                          "volumes, or spatial_dims: 2 with [H, W] for images.")
     if cases is None:
         cases = load_cases(data, cfg.resolved_data_path())
     transform = preprocess_transform(data.intensity, data.image_size, spacing=data.spacing)

