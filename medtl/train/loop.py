@@ -7,18 +7,23 @@ reproducible: the same config, data and seed give the same weights on the same d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from medtl.config import TrainConfig
+from medtl.adapt.domain import DomainObjective, DomainSetup, adabn, collapse_dsbn, convert_dsbn, domain_context
+from medtl.adapt.strategies import make_strategy
+from medtl.config import DomainAdaptConfig, TrainConfig
 from medtl.data.transforms import augment_transform
 from medtl.errors import ConfigError
+from medtl.train import distributed
 
 __all__ = ["FitResult", "fit", "predict_proba", "resolve_device", "seed_everything"]
 
@@ -63,8 +68,9 @@ def _set_threads(cfg: TrainConfig) -> None:
 
 def _schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
-    if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.2)
+    if cfg.scheduler == "onecycle":  # one max_lr per group keeps layer-wise LRs (llrd) apart
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=total, pct_start=0.2)
     warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
 
     def factor(step: int) -> float:
@@ -87,17 +93,20 @@ def _memory_format(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray, *, batch_size: int = 64, device: torch.device | None = None,
-                  tta: bool = False) -> np.ndarray:
+                  tta: bool = False, domains: np.ndarray | None = None) -> np.ndarray:
     """Class probabilities ``(N, K)`` for cached images ``(N, C, *S)``.
 
-    With ``tta`` the prediction is averaged with the left-right flipped image.
+    With ``tta`` the prediction is averaged with the left-right flipped image. ``domains``
+    ``(N,)`` gives each image's domain index for a model with domain-specific BatchNorm
+    (:func:`medtl.adapt.domain.convert_dsbn`); a model returned by :func:`fit` never needs it.
     """
     device = device or next(model.parameters()).device
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         xb = _memory_format(torch.as_tensor(images[i: i + batch_size], dtype=torch.float32, device=device))
-        with _autocast(device):
+        ctx = domain_context(model, domains[i: i + batch_size]) if domains is not None else contextlib.nullcontext()
+        with _autocast(device), ctx:
             p = model(xb).float().softmax(-1)
             if tta:
                 p = 0.5 * (p + model(torch.flip(xb, dims=(-1,))).float().softmax(-1))
@@ -111,15 +120,44 @@ def _autocast(device: torch.device, enabled: bool = True):
     return torch.autocast("cpu", enabled=False)
 
 
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled features ``(B, F)`` through the encoder contract."""
+    if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "classifier_layer")):
+        raise ConfigError("Feature-level domain adaptation (dann, mmd, coral) needs a model with the encoder "
+                          "contract (forward_features, forward_head(pre_logits=True), classifier_layer); build "
+                          "it with medtl.create_encoder.")
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
 def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-        cfg: TrainConfig, *, num_classes: int, description: str = "train", progress=None) -> FitResult:
+        cfg: TrainConfig, *, num_classes: int, description: str = "train", progress=None,
+        adapt: DomainAdaptConfig | None = None, x_target: np.ndarray | None = None,
+        sites_train: Sequence[str | None] | None = None, sites_val: Sequence[str | None] | None = None) -> FitResult:
     """Fine-tune ``model`` and keep the weights with the best validation score.
 
+    The strategy (``cfg.strategy``: which blocks train, per-block LRs, unfreezing schedule,
+    adapters/LoRA) comes from :func:`medtl.adapt.strategies.make_strategy`; domain adaptation
+    (``adapt``) from :mod:`medtl.adapt.domain`. Both plug into this one loop.
+
     Args:
-        model: a :class:`~medtl.models.MedtlClassifier` (or any ``(B, C, *S) -> (B, K)`` module).
+        model: a :class:`~medtl.models.MedtlClassifier` (or any ``(B, C, *S) -> (B, K)`` module;
+            feature-level DA needs the encoder contract).
         x_train, x_val: cached images ``(N, C, *S)`` in [0, 1]; y_*: class indices ``(N,)``.
         cfg: the ``train`` section of the config.
         progress: a ``rich.progress.Progress`` to add a task to, or ``None`` for no bars.
+        adapt: the ``adapt`` section; ``None`` or ``method: none`` trains source-only.
+        x_target: unlabelled target-site images ``(M, C, *S)`` (needed by every DA method;
+            e.g. the held-out site's images in leave-one-site-out CV). Their labels are never used.
+        sites_train, sites_val: site of each training/validation image (``dsbn`` keeps one
+            set of BatchNorm statistics per training site; validation uses its site's set).
+
+    Returns:
+        :class:`FitResult`; its model is a plain encoder. With ``adabn`` its BatchNorm
+        statistics are the target's; with ``dsbn`` it keeps the target domain's statistics; with
+        ``adapters``/``lora`` the updates are merged into the weights.
+
+    Example:
+        >>> res = fit(model, x, y, xv, yv, cfg.train, num_classes=2, adapt=cfg.adapt, x_target=xt)  # doctest: +SKIP
     """
     seed_everything(cfg.seed)
     _set_threads(cfg)
@@ -127,7 +165,17 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     use_amp = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda")
     if cfg.amp == "on" and device.type != "cuda":
         raise ConfigError("train.amp=on needs a CUDA device; use train.amp=auto on CPU.")
+    if distributed.is_distributed():
+        device = distributed.local_device(device)
+        _check_distributed(cfg, adapt)
+    strategy = make_strategy(cfg.strategy)
+    model = strategy.prepare(model)
+    da = DomainSetup(adapt, x_target, sites_train, sites_val, n_train=len(x_train), n_val=len(x_val))
+    objective = DomainObjective(da.cfg, getattr(model, "num_features", None) if da.method == "dann" else None)
+    if da.method == "dsbn":
+        convert_dsbn(model, da.n_domains)
     model.to(device)
+    objective.to(device)
     if x_train.ndim == 4:
         model.to(memory_format=torch.channels_last)
     aug = augment_transform(cfg.augment, x_train.shape[2:])
@@ -137,13 +185,15 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         counts = np.bincount(y_train, minlength=num_classes).astype(np.float64)
         weight = torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = strategy.param_groups(model, cfg.lr, cfg.weight_decay)
+    if objective.classifier is not None:
+        groups.append({"params": list(objective.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                       "name": "domain_classifier"})
     # fused AdamW: one kernel for all parameters (CPU and CUDA); the per-tensor loop took ~15 %
     # of a CPU training step for EfficientNet-Lite0
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    # data parallel under torchrun: every rank draws the same global batch and trains on its share
+    train_model = distributed.wrap(model, device)
     bs = min(cfg.batch_size, len(x_train))
     steps = max(1, len(x_train) // bs)  # drop the last partial batch (BatchNorm needs > 1 sample)
     sched = _schedule(opt, cfg, steps)
@@ -151,11 +201,15 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     fp16 = use_amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=fp16)
     gen = np.random.default_rng(cfg.seed)
+    tgen = np.random.default_rng([cfg.seed, 1])  # target batches: their own stream
+    bt = min(bs, len(x_target)) if objective.uses_target else 0
     best = (-math.inf, 0, None)
     history = []
     task = progress.add_task(description, total=cfg.epochs * steps) if progress is not None else None
     for epoch in range(1, cfg.epochs + 1):
         model.train()
+        objective.train()
+        strategy.on_epoch_start(model, epoch)
         order = gen.permutation(len(x_train))
         losses = []
         for s in range(steps):
@@ -163,7 +217,18 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             xb = _memory_format(_augment_batch(aug, x_train[idx]).to(device, non_blocking=True))
             yb = torch.as_tensor(y_train[idx], device=device)
             with _autocast(device, use_amp):
-                loss = criterion(model(xb).float(), yb)
+                if distributed.is_distributed():
+                    n_global = len(xb)
+                    xb, yb = distributed.local_share(xb, yb)
+                    # DDP averages rank gradients; weighting by share size makes that the global mean
+                    loss = criterion(train_model(xb).float(), yb) * (len(xb) * distributed.world_size() / n_global)
+                elif not objective.uses_target:
+                    loss = criterion(model(xb).float(), yb)
+                else:
+                    tidx = tgen.choice(len(x_target), bt, replace=False)
+                    xt = _memory_format(_augment_batch(aug, x_target[tidx]).to(device, non_blocking=True))
+                    loss = _adapted_loss(model, objective, criterion, xb, yb, xt, da.train_domains[idx],
+                                         ((epoch - 1) * steps + s) / (cfg.epochs * steps), da)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -173,7 +238,8 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             if task is not None:
                 progress.update(task, advance=1, description=f"{description} epoch {epoch}/{cfg.epochs} "
                                                          f"loss {np.mean(losses):.3f}")
-        proba = predict_proba(model, x_val, batch_size=max(bs, 64), device=device, tta=cfg.tta)
+        proba = predict_proba(model, x_val, batch_size=max(bs, 64), device=device, tta=cfg.tta,
+                              domains=da.val_domains if da.method == "dsbn" else None)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(proba).clamp_min(1e-8)),
                                                 torch.as_tensor(y_val)).item())
         from medtl.evaluate.metrics import compute_metrics
@@ -182,10 +248,38 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         score = -val_loss if cfg.select_metric == "loss" else m[cfg.select_metric]
         score = -math.inf if math.isnan(score) else score
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-                        "val_auc": m["auc"], "val_acc": m["acc"], "lr": opt.param_groups[0]["lr"]})
-        if score > best[0]:
+                        "val_auc": m["auc"], "val_acc": m["acc"], "lr": max(g["lr"] for g in opt.param_groups)})
+        if score > best[0] or best[2] is None:  # an undefined score (e.g. one-class val) keeps epoch 1
             best = (score, epoch, copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}))
     if task is not None:
         progress.update(task, visible=False)
     model.load_state_dict(best[2])
+    model = strategy.finalize(model)
+    if da.method == "dsbn":
+        collapse_dsbn(model, da.target_domain)
+    elif da.method == "adabn":
+        adabn(model, x_target, batch_size=max(bs, 64), device=device)
     return FitResult(model=model, best_epoch=best[1], best_score=best[0], history=history)
+
+
+def _check_distributed(cfg: TrainConfig, adapt: DomainAdaptConfig | None) -> None:
+    """Distributed training supports strategies with a fixed trainable set and post-hoc AdaBN."""
+    if cfg.strategy.name == "gradual_unfreeze":
+        raise ConfigError("train.strategy.name=gradual_unfreeze changes which parameters train during the run, "
+                          "which DistributedDataParallel does not allow. Use llrd or partial under torchrun, or "
+                          "run gradual unfreezing in one process.")
+    if adapt is not None and adapt.method not in ("none", "adabn"):
+        raise ConfigError(f"adapt.method={adapt.method} is not supported under torchrun (it needs per-batch "
+                          "target images and feature-level losses). Run it in one process, or use adabn.")
+
+
+def _adapted_loss(model, objective, criterion, xb, yb, xt, src_domains, progress_frac, da) -> torch.Tensor:
+    """Source cross-entropy plus the DA term, with the target batch ``xt`` through the network."""
+    n = len(xb)
+    if da.method == "dsbn":  # per-domain statistics: target images only teach the target BNs
+        with domain_context(model, np.concatenate([src_domains, np.full(len(xt), da.target_domain)])):
+            logits = model(torch.cat([xb, xt]))[:n]
+        return criterion(logits.float(), yb)
+    feats = _features(model, torch.cat([xb, xt]))
+    logits = model.classifier_layer(feats[:n])
+    return criterion(logits.float(), yb) + objective(feats[:n], feats[n:], progress_frac)

@@ -86,3 +86,39 @@ def test_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(m(x), m2(x))
     assert meta["class_names"] == ["a", "b"] and meta["weights_record"]["sha256"]
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+def test_layerwise_lrs_reach_the_optimizer_and_survive_the_schedule(monkeypatch, scheduler):
+    from medtl.config import StrategyConfig
+
+    made = []
+    real = torch.optim.AdamW
+
+    def capture(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(torch.optim, "AdamW", capture)
+    x, y = _blobs(16)
+    cfg = CFG.model_copy(update={"epochs": 2, "scheduler": scheduler,
+                                 "strategy": StrategyConfig(name="llrd", llrd_decay=0.5)})
+    res = fit(Tiny(), x, y, x, y, cfg, num_classes=2)
+    groups = made[0].param_groups
+    lrs = {g["name"]: g["lr"] for g in groups}
+    # blocks of Tiny: body (decayed once), head (full LR); the ratio holds at every step of the schedule
+    assert lrs["body/decay"] == pytest.approx(0.5 * lrs["head/decay"])
+    assert lrs["body/no_decay"] == pytest.approx(lrs["body/decay"])
+    assert res.history[-1]["lr"] == pytest.approx(lrs["head/decay"])
+
+
+def test_partial_with_no_blocks_trains_only_the_head():
+    from medtl.config import StrategyConfig
+
+    x, y = _blobs(16)
+    model = Tiny()
+    body = {k: v.clone() for k, v in model.body.state_dict().items()}
+    cfg = CFG.model_copy(update={"epochs": 2, "strategy": StrategyConfig(name="partial", trainable_blocks=0)})
+    res = fit(model, x, y, x, y, cfg, num_classes=2)
+    for k, v in res.model.body.state_dict().items():  # weights and BatchNorm statistics
+        torch.testing.assert_close(v, body[k], rtol=0, atol=0)
