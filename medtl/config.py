@@ -126,8 +126,9 @@ class ModelConfig(_Strict):
     # split of 2D kernels; slices = per-slice 2D encoder + pooling over depth;
     # channels = slices stacked as input channels (2.5D, stem filters summed)
     conversion_3d: Literal["inflate", "acs", "slices", "channels"] = "inflate"
-    layout: Literal["auto", "timm", "radimagenet_torch", "radimagenet_keras", "radimagenet_hf",
-                    "medicalnet"] = Field("auto", description="key layout of model.weights_path")
+    layout: Literal["auto", "timm", "efficientnet_pytorch", "torchvision", "radimagenet_torch",
+                    "radimagenet_keras", "radimagenet_hf", "medicalnet"] = Field(
+        "auto", description="key layout of model.weights_path (auto: detected from the keys)")
 
 
 class StrategyConfig(_Strict):
@@ -225,7 +226,17 @@ class ExplainConfig(_Strict):
     n_correct: int = Field(4, ge=0)
     n_wrong: int = Field(4, ge=0)
     ig_steps: int = Field(32, ge=2)
-    sanity_check: bool = True
+    ig_delta_threshold: float = Field(0.05, gt=0)  # warn when IG misses completeness by more
+    n_samples: int = Field(16, ge=1)  # noisy samples for gradient_shap / smoothgrad
+    batch_size: int = Field(16, ge=1)  # images per explain() call
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sanity_check: bool = True  # cascading model-parameter randomisation test
+    cascade_steps: int = Field(5, ge=2)  # top stages randomised one by one, then all of them
+    faithfulness_steps: int = Field(16, ge=0)  # deletion/insertion curve points - 1; 0 = off
+    localisation: bool = True  # pointing game over every correct case with a mask
+    pointing_tolerance: int | None = Field(None, ge=0)  # px; None: 15 px at 224 px, scaled (Zhang et al.)
+    gradcam_stride: int | None = Field(16, ge=1)  # deepest block at this output stride; None: feature_layer
+    export_nifti: bool = True  # 3D maps as NIfTI in the scan's space
 
 
 class PrivacyConfig(_Strict):

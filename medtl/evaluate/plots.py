@@ -21,7 +21,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 from medtl.errors import DataError
 
-__all__ = ["plot_roc", "plot_confusion", "plot_training_curves"]
+__all__ = ["plot_roc", "plot_confusion", "plot_training_curves", "plot_reliability"]
 
 _DPI = 110
 # history keys that are bookkeeping, not curves
@@ -211,6 +211,35 @@ def plot_training_curves(history: list[dict], path: str | Path, *, title: str = 
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, n_bins: int = 10,
+                     title: str = "Reliability") -> Path:
+    """Reliability diagram: observed frequency against predicted probability, one line per set.
+
+    Args:
+        curves: ``{label: (y_true (N,), proba (N, K))}``, e.g. ``{"uncalibrated": ..., "temperature": ...}``;
+            binary sets bin P(class 1), multiclass sets bin top-label confidence. The legend gives
+            each set's ECE.
+        path: PNG file to write.
+    """
+    from medtl.evaluate.calibration import expected_calibration_error, reliability_bins
+
+    fig, axes = _subplots(1, 1, (4.6, 4.2))
+    ax = axes[0, 0]
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    for label, (y, p) in curves.items():
+        b = reliability_bins(y, p, n_bins=n_bins)
+        ok = b["count"] > 0
+        ece = expected_calibration_error(y, p, n_bins=n_bins)
+        ax.plot(b["confidence"][ok], b["accuracy"][ok], marker="o", lw=1.5, label=f"{label} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
 
 
 def _is_number(value: object) -> bool:

@@ -1,215 +1,287 @@
-"""Run drivers: official-split training and patient-grouped k-fold cross-validation.
+"""Run drivers: official-split training and patient-grouped cross-validation.
 
 Both write the run-directory contract::
 
-    RUN_DIR/config.yaml        resolved config
-    RUN_DIR/metrics.json       k-fold: {"folds": [...], "pooled": {key: {"value", "ci95"}}}
-                               official: {"test": {key: {"value", "ci95"}}, "val": {...}}
-    RUN_DIR/predictions.csv    id, patient_id (pseudonymised), fold, label, prob_<class>..., pred
-    RUN_DIR/checkpoints/       fold<k>/ or final/: model.safetensors + meta.json
-    RUN_DIR/roc.png, confusion.png, training.png, skipped.json
+    RUN_DIR/config.yaml        resolved config (+ _config_hash)
+    RUN_DIR/metrics.json       CV: {"folds": [...], "pooled": {key: {"value", "ci95"}}, "fold_mean": ...,
+                               "calibration": ..., "per_site": ...}; official: {"test": ..., "val": ...}
+                               (undefined values are null)
+    RUN_DIR/predictions.csv    id, patient_id (pseudonymised), site, fold, label, prob_<class>..., pred
+    RUN_DIR/checkpoints/       <fold key>/ or final/: model.safetensors + meta.json
+    RUN_DIR/roc.png, confusion.png, reliability.png, training.png, skipped.json
 
-Cross-validation resumes: each finished fold is stored (``folds/fold<k>.json`` and its
-checkpoint) under the config's hash; rerunning with the same config skips finished folds.
-Folds are seeded independently, so a resumed run gives the same numbers as one that ran
-straight through.
+Every file is written atomically (temporary file, then rename). Cross-validation resumes:
+each finished fold is stored (``folds/<key>.json`` and its checkpoint) under the config's
+hash; rerunning with the same config skips finished folds. Folds are seeded
+independently, so a resumed run gives the same numbers as one that ran straight through.
+
+Per outer fold, everything that is *chosen* (epoch, nested-CV grid point, temperature,
+threshold) is chosen on the fold's inner validation data, never on its test cases.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-import yaml
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from medtl import __version__
-from medtl.config import Config, config_hash, dump_config
+from medtl.adapt.domain import adaptation_inputs
+from medtl.config import Config
 from medtl.data.prepare import PreparedData, prepare
 from medtl.data.privacy import Pseudonymizer
-from medtl.errors import DataError, MedtlError
-from medtl.evaluate.metrics import METRIC_KEYS, bootstrap_ci, compute_metrics, youden_threshold
-from medtl.evaluate.plots import plot_confusion, plot_roc, plot_training_curves
-from medtl.evaluate.splits import check_disjoint_groups, inner_split, outer_splits
+from medtl.errors import DataError
+from medtl.evaluate import _runio as io
+from medtl.evaluate.calibration import TemperatureScaler, calibration_metrics, expected_calibration_error, brier_score
+from medtl.evaluate.metrics import METRIC_KEYS, compute_metrics
+from medtl.evaluate.schemes import FoldSpec, fold_plan, grid_points, with_point
+from medtl.evaluate.splits import inner_split, outer_splits
+from medtl.evaluate.stats import multiclass_metrics
 from medtl.models.encoders import create_encoder
 from medtl.train.checkpoint import save_checkpoint
 from medtl.train.loop import fit, predict_proba, resolve_device, seed_everything
 
-__all__ = ["cross_validate", "train_official"]
+__all__ = ["cross_validate", "train_official", "make_model"]
 
-console = Console(stderr=True)
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
-                    transient=True)
+console = io.console
 
 
-def _start(cfg: Config, out_dir: str | Path, *, resume: bool) -> tuple[Path, str]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    h = config_hash(cfg)
-    old = out / "config.yaml"
-    if old.exists() and (out / "folds").exists() and resume:
-        try:
-            prev = yaml.safe_load(old.read_text()).get("_config_hash")
-        except Exception:  # unreadable old config: treat as different
-            prev = None
-        if prev not in (None, h):
-            raise MedtlError(f"'{out}' holds a run made with a different config (hash {prev}, now {h}). "
-                             "Use a new --out directory, or --no-resume to overwrite it.")
-    dump_config(cfg, old)
-    with old.open("a") as fh:
-        fh.write(f"_config_hash: {h}\n_medtl_version: {__version__}\n")
-    return out, h
-
-
-def _make_model(cfg: Config, n_classes: int):
+def make_model(cfg: Config, n_classes: int):
+    """The configured encoder with a fresh ``n_classes`` head (see :func:`medtl.create_encoder`)."""
     m = cfg.model
-    return create_encoder(m.name, pretrained=m.pretrained, num_classes=n_classes, in_chans=1,
-                          spatial_dims=len(cfg.data.image_size), channel_mapping=m.channel_mapping,
-                          drop_rate=m.drop_rate, weights_path=m.weights_path)
+    return create_encoder(m.name, pretrained=m.pretrained, num_classes=n_classes, in_chans=_data_chans(cfg),
+                          spatial_dims=cfg.data.spatial_dims, channel_mapping=m.channel_mapping,
+                          drop_rate=m.drop_rate, weights_path=m.weights_path, layout=m.layout,
+                          conversion_3d=m.conversion_3d,
+                          depth=cfg.data.image_size[0] if cfg.data.spatial_dims == 3 else None)
 
 
-def _meta(cfg: Config, data: PreparedData, h: str, **extra) -> dict:
-    return {"class_names": data.class_names, "config_hash": h, "medtl_version": __version__,
-            "data": {"intensity": cfg.data.intensity.model_dump(), "image_size": list(cfg.data.image_size)},
-            **extra}
+def _data_chans(cfg: Config) -> int:
+    it = cfg.data.intensity
+    return len(it.windows) if it.mode == "multiwindow" else 1
 
 
-def _write_predictions(path: Path, data: PreparedData, idx: np.ndarray, proba: np.ndarray, folds: list,
-                       pseudo: Pseudonymizer, threshold: float) -> None:
-    names = data.class_names
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["id", "patient_id", "site", "fold", "label", *[f"prob_{n}" for n in names], "pred"])
-        for i, p, f in zip(idx, proba, folds):
-            c = data.cases[i]
-            pred = (1 if p[1] >= threshold else 0) if len(names) == 2 else int(np.argmax(p))
-            w.writerow([c.case_id, pseudo(c.patient_id), c.site or "", f, names[data.y[i]],
-                        *[f"{v:.6f}" for v in p], names[pred]])
+def _train(cfg: Config, data: PreparedData, trn: np.ndarray, val: np.ndarray, *, seed_offset: int,
+           fit_seed_offset: int, description: str, bar):
+    """Build and fit one model (the single place the run drivers call :func:`fit`).
+
+    ``seed_offset`` seeds the head's initialisation, ``fit_seed_offset`` the augmentation and
+    batch order; both are fixed per fold, so folds are independent of each other's order."""
+    seed_everything(cfg.train.seed + seed_offset)
+    model = make_model(cfg, len(data.class_names))
+    tcfg = cfg.train.model_copy(update={"seed": cfg.train.seed + fit_seed_offset})
+    return fit(model, data.images[trn], data.y[trn], data.images[val], data.y[val], tcfg,
+               num_classes=len(data.class_names), description=description, progress=bar,
+               **adaptation_inputs(cfg.adapt, data.images, [c.site for c in data.cases], trn, val))
 
 
-def _plots(out: Path, y: np.ndarray, proba: np.ndarray, names: list[str], threshold: float, history: list[dict],
-           fold_ids: np.ndarray | None, title: str) -> dict[str, str]:
-    pred = (proba[:, 1] >= threshold).astype(int) if len(names) == 2 else proba.argmax(1)
-    plots = {"roc": plot_roc(y, proba, names, out / "roc.png", fold_ids=fold_ids, title=f"ROC — {title}"),
-             "confusion": plot_confusion(y, pred, names, out / "confusion.png", title=f"Confusion — {title}")}
-    if history:
-        plots["training"] = plot_training_curves(history, out / "training.png", title="Training curves")
-    return {k: Path(v).name for k, v in plots.items()}
+def _score(cfg: Config, y: np.ndarray, proba: np.ndarray, groups: np.ndarray, threshold: float,
+           calibrated: np.ndarray | None) -> dict:
+    """Headline metrics with patient-bootstrap CIs, calibration, and multiclass extras."""
+    headline = calibrated if calibrated is not None else proba
+    metrics, binfo = io.bootstrap(cfg, y, headline, groups, threshold)
+    nb, seed = max(200, cfg.evaluate.n_bootstrap // 5), cfg.evaluate.seed
+    cal = {}
+    for label, p in (("uncalibrated", proba), ("calibrated", calibrated)):
+        if p is None:
+            continue
+        cal[label] = {"ece": io.bootstrap_stat(expected_calibration_error, y, p, groups, n_boot=nb, seed=seed),
+                      "brier": io.bootstrap_stat(brier_score, y, p, groups, n_boot=nb, seed=seed),
+                      "nll": calibration_metrics(y, p)["nll"]}
+    out = {"metrics": metrics, "bootstrap": binfo, "calibration": cal}
+    if proba.shape[1] > 2:
+        out["multiclass"] = multiclass_metrics(y, headline, ordinal=cfg.evaluate.ordinal)
+    return out
 
 
-def _summary(title: str, metrics: dict) -> None:
-    t = Table(title=title)
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    t.add_column("95% CI (patient bootstrap)", justify="right")
-    for k in METRIC_KEYS:
-        v = metrics[k]
-        t.add_row(k, f"{v['value']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]")
-    console.print(t)
+def _per_site(cfg: Config, data: PreparedData, idx: np.ndarray, proba: np.ndarray, threshold: float) -> dict:
+    sites = np.array([data.cases[i].site or "" for i in idx], dtype=object)
+    if not any(sites):
+        return {}
+    groups = data.groups[idx]
+    out = {}
+    for s in sorted(set(sites.tolist())):
+        m = sites == s
+        res, _ = io.bootstrap(cfg, data.y[idx][m], proba[m], groups[m], threshold)
+        out[s or "(none)"] = {"n_cases": int(m.sum()), **res}
+    return out
 
 
-def _threshold(cfg: Config, y_val: np.ndarray, p_val: np.ndarray) -> float:
-    if cfg.evaluate.threshold == "youden_val" and p_val.shape[1] == 2 and len(np.unique(y_val)) == 2:
-        return float(youden_threshold(y_val, p_val[:, 1]))
-    return 0.5
+def _rank_out(out_dir: str | Path, progress: bool) -> tuple[str | Path, bool]:
+    """Under torchrun every rank runs the driver; only rank 0 writes ``out_dir`` and shows bars."""
+    from medtl.train import distributed
 
+    distributed.init_from_env()
+    if distributed.is_main():
+        return out_dir, progress
+    import tempfile
 
-def _ci(cfg: Config, y, proba, groups, threshold) -> tuple[dict, dict]:
-    res = bootstrap_ci(y, proba, groups, n_boot=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed, threshold=threshold)
-    info = res.pop("_bootstrap", {})
-    return res, info
+    return tempfile.mkdtemp(prefix=f"medtl-rank{distributed.rank()}-"), False
 
 
 def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, progress: bool = True,
                    data: PreparedData | None = None) -> dict:
-    """Patient-grouped, stratified k-fold CV with an inner grouped validation split per fold.
+    """Patient-grouped cross-validation (``cv.scheme``: kfold, repeated, nested, leave_one_site_out).
 
-    Returns the ``metrics.json`` dict. See the module docstring for the files written.
+    Each outer fold trains on its training patients, selects the epoch (and, for nested CV,
+    the grid point), fits the temperature and the threshold on an inner grouped validation
+    split, and predicts its test patients. Returns the ``metrics.json`` dict; see the module
+    docstring for the files written.
+
+    Example:
+        >>> cfg = load_config("configs/ct_contrast.yaml", ["cv.n_splits=3"])  # doctest: +SKIP
+        >>> cross_validate(cfg, "runs/ct")["pooled"]["auc"]                   # doctest: +SKIP
+        {'value': 0.79, 'ci95': [0.67, 0.88], 'n_valid': 1000}
     """
+    if cfg.train.strategy.name == "linear_probe":
+        from medtl.evaluate.linear_probe import cross_validate_linear_probe
+
+        return cross_validate_linear_probe(cfg, out_dir, progress=progress, data=data)
+    out_dir, progress = _rank_out(out_dir, progress)
     t0 = time.time()
-    out, h = _start(cfg, out_dir, resume=resume)
+    out, h = io.start_run(cfg, out_dir, resume=resume)
     data = data if data is not None else prepare(cfg, progress=progress)
-    (out / "skipped.json").write_text(json.dumps(data.skipped, indent=2))
+    io.write_json(out / "skipped.json", data.skipped)
     if data.skipped:
         console.print(f"[yellow]Skipped {len(data.skipped)} unreadable case(s); see {out / 'skipped.json'}[/]")
     groups = data.groups
-    folds = outer_splits(data.y, groups, n_splits=cfg.cv.n_splits, seed=cfg.cv.seed, class_names=data.class_names)
-    check_disjoint_groups({k: groups[te] for k, (_, te) in enumerate(folds)})
+    sites = np.array([c.site for c in data.cases], dtype=object)
+    plan = fold_plan(cfg, data.y, groups, sites, data.class_names)
     pseudo = Pseudonymizer.for_run(out, reveal=cfg.privacy.reveal_ids)
     device = resolve_device(cfg.train.device)
     (out / "folds").mkdir(exist_ok=True)
-    oof = np.zeros((len(data.y), len(data.class_names)))
-    fold_of = np.full(len(data.y), -1)
+    n, k_cls = len(data.y), len(data.class_names)
+    n_rep = max(f.repeat for f in plan) + 1
+    oof = np.zeros((n_rep, n, k_cls))
+    oof_raw = np.zeros((n_rep, n, k_cls))
+    fold_of = np.full((n_rep, n), "", dtype=object)
     per_fold, history, thresholds = [], [], []
-    with (_progress() if progress else nullcontext()) as bar:
-        for k, (tr, te) in enumerate(folds):
-            record_path = out / "folds" / f"fold{k}.json"
-            ckpt = out / "checkpoints" / f"fold{k}"
-            done = _load_fold(record_path, ckpt, h, data, te) if resume else None
+    with (io.progress_bar() if progress else nullcontext()) as bar:
+        for spec in plan:
+            record_path = out / "folds" / f"{spec.key}.json"
+            ckpt = out / "checkpoints" / spec.key
+            done = _load_fold(record_path, ckpt, h, data, spec.test) if resume else None
             if done is None:
-                done = _run_fold(cfg, data, k, tr, te, groups, h, ckpt, device, bar)
-                tmp = record_path.with_suffix(".part")
-                tmp.write_text(json.dumps(done))
-                tmp.replace(record_path)
+                done = _run_fold(cfg, data, spec, groups, h, ckpt, device, bar, len(plan))
+                io.write_json(record_path, done)
             else:
-                console.print(f"fold {k}: finished earlier, loaded from {record_path.name}")
+                console.print(f"{spec.key}: finished earlier, loaded from {record_path.name}")
+            te = spec.test
             proba = np.asarray(done["proba"])
-            oof[te], fold_of[te] = proba, k
+            oof[spec.repeat, te] = proba
+            oof_raw[spec.repeat, te] = np.asarray(done.get("proba_raw", done["proba"]))
+            fold_of[spec.repeat, te] = spec.key
             thresholds.append(done["threshold"])
-            history += [{**row, "fold": k} for row in done["history"]]
+            history += [{**row, "fold": spec.key} for row in done["history"]]
             fm = compute_metrics(data.y[te], proba, threshold=done["threshold"])
-            per_fold.append({"fold": k, "n_test": int(len(te)), "n_test_patients": int(len(set(groups[te]))),
-                             "best_epoch": done["best_epoch"], "threshold": done["threshold"], **fm})
+            per_fold.append({"fold": spec.key, "repeat": spec.repeat, "site": spec.site, "n_test": int(len(te)),
+                             "n_test_patients": int(len(set(groups[te]))), "best_epoch": done["best_epoch"],
+                             "threshold": done["threshold"], "temperature": done.get("temperature"),
+                             "selected": done.get("selected"), **fm,
+                             "ece": expected_calibration_error(data.y[te], proba) if len(te) else None})
     threshold = float(np.mean(thresholds))
-    pooled, binfo = _ci(cfg, data.y, oof, groups, threshold)
-    _write_predictions(out / "predictions.csv", data, np.arange(len(data.y)), oof, list(fold_of), pseudo, threshold)
-    plots = _plots(out, data.y, oof, data.class_names, threshold, history, fold_of, f"{cfg.cv.n_splits}-fold CV")
+    calibrated = cfg.evaluate.calibration != "none"
+    pooled_p, pooled_raw = oof.mean(0), oof_raw.mean(0)
+    scored = _score(cfg, data.y, pooled_raw, groups, threshold, pooled_p if calibrated else None)
+    folds_col = ["|".join(fold_of[:, i]) for i in range(n)]
+    io.write_predictions(out / "predictions.csv", data, np.arange(n), pooled_p, folds_col, pseudo, threshold)
+    fold_ids = np.array([list(plan_keys(plan)).index(f) for f in fold_of[0]])
+    plots = io.write_plots(out, data.y, pooled_raw, data.class_names, threshold, history, fold_ids,
+                           _title(cfg, plan), pooled_p if calibrated else None)
     metrics = {
-        "task": "cv", "name": cfg.name, "folds": per_fold, "pooled": pooled,
-        "fold_mean": {k: _mean_sd([f[k] for f in per_fold]) for k in METRIC_KEYS},
-        "bootstrap": binfo, "threshold": threshold, "class_names": data.class_names,
-        "n_cases": int(len(data.y)), "n_patients": int(len(set(groups))), "n_skipped": len(data.skipped),
-        "class_counts": {n: int((data.y == i).sum()) for i, n in enumerate(data.class_names)},
-        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "plots": plots,
-        "device": str(device), "seconds": round(time.time() - t0, 1), "config_hash": h,
+        "task": "cv", "scheme": cfg.cv.scheme, "name": cfg.name, "folds": per_fold, "pooled": scored["metrics"],
+        "fold_mean": {k: io.mean_sd([f[k] for f in per_fold]) for k in (*METRIC_KEYS, "ece")},
+        "calibration": scored["calibration"], "bootstrap": scored["bootstrap"], "threshold": threshold,
+        "threshold_rule": cfg.evaluate.threshold, "class_names": data.class_names, "n_cases": int(n),
+        "n_patients": int(len(set(groups))), "n_skipped": len(data.skipped),
+        "class_counts": {c: int((data.y == i).sum()) for i, c in enumerate(data.class_names)},
+        "model": cfg.model.name, "pretrained": cfg.model.pretrained, "plots": plots, "device": str(device),
+        "seconds": round(time.time() - t0, 1), "config_hash": h,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _summary(f"{cfg.name}: {cfg.cv.n_splits}-fold CV, pooled out-of-fold ({metrics['n_cases']} cases, "
-             f"{metrics['n_patients']} patients)", pooled)
+    if "multiclass" in scored:
+        metrics["multiclass"] = scored["multiclass"]
+    if n_rep > 1:
+        metrics["repeats"] = [{k: compute_metrics(data.y, oof[r], threshold=threshold)[k] for k in METRIC_KEYS}
+                              for r in range(n_rep)]
+        metrics["repeat_mean"] = {k: io.mean_sd([r[k] for r in metrics["repeats"]]) for k in METRIC_KEYS}
+    site_metrics = _per_site(cfg, data, np.arange(n), pooled_p, threshold)
+    if site_metrics:
+        metrics["per_site"] = site_metrics
+    io.write_json(out / "metrics.json", metrics)
+    io.print_summary(f"{cfg.name}: {_title(cfg, plan)}, pooled out-of-fold ({n} cases, "
+                     f"{metrics['n_patients']} patients)", scored["metrics"])
+    _track(cfg, out, metrics)
     return metrics
 
 
-def _mean_sd(values: list[float]) -> dict:
-    v = np.asarray(values, dtype=float)
-    return {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0}
+def plan_keys(plan: list[FoldSpec]) -> list[str]:
+    return [f.key for f in plan]
 
 
-def _run_fold(cfg, data, k, tr, te, groups, h, ckpt, device, bar) -> dict:
-    itr, iva = inner_split(data.y[tr], groups[tr], val_fraction=cfg.cv.val_fraction, seed=cfg.cv.seed + k)
+def _title(cfg: Config, plan: list[FoldSpec]) -> str:
+    s = cfg.cv.scheme
+    if s == "repeated":
+        return f"{cfg.cv.n_repeats}x{cfg.cv.n_splits}-fold CV"
+    if s == "leave_one_site_out":
+        return f"leave-one-site-out CV ({len(plan)} sites)"
+    return f"{'nested ' if s == 'nested' else ''}{cfg.cv.n_splits}-fold CV"
+
+
+def _select_point(cfg: Config, data: PreparedData, spec: FoldSpec, groups: np.ndarray, bar) -> tuple[dict, list]:
+    """Nested CV: score every grid point by inner grouped k-fold on the outer training patients."""
+    tr = spec.train
+    inner = outer_splits(data.y[tr], groups[tr], n_splits=cfg.cv.inner_splits, seed=cfg.cv.seed + 7919 * (spec.index + 1))
+    scores = []
+    for gi, point in enumerate(grid_points(cfg.cv.grid)):
+        pcfg = with_point(cfg, point)
+        vals = []
+        for j, (itr, ite) in enumerate(inner):
+            res = _train(pcfg, data, tr[itr], tr[ite], seed_offset=1000 * spec.index + 37 * j + 1,
+                         fit_seed_offset=spec.index + 37 * j + 1, description=f"{spec.key} inner {j + 1}/{len(inner)} grid {gi + 1}", bar=bar)
+            vals.append(_val_score(res.history, cfg.train.select_metric))
+        scores.append({"point": point, "inner_mean": float(np.nanmean(vals)), "inner": vals})
+    lower_better = cfg.train.select_metric == "loss"
+    best = (min if lower_better else max)(scores, key=lambda s: s["inner_mean"])
+    return best["point"], scores
+
+
+def _val_score(history: list[dict], metric: str) -> float:
+    key = f"val_{metric}"
+    vals = [row[key] for row in history if row.get(key) is not None]
+    if not vals:
+        return float("nan")
+    return float(min(vals) if metric == "loss" else max(vals))
+
+
+def _run_fold(cfg: Config, data: PreparedData, spec: FoldSpec, groups, h, ckpt, device, bar, n_folds) -> dict:
+    tr, te = spec.train, spec.test
+    itr, iva = inner_split(data.y[tr], groups[tr], val_fraction=cfg.cv.val_fraction,
+                           seed=cfg.cv.seed + spec.index + 1009 * spec.repeat)
     trn, val = tr[itr], tr[iva]
-    seed_everything(cfg.train.seed + 1000 * k)  # fold-specific: resumable, order-independent
-    model = _make_model(cfg, len(data.class_names))
-    tcfg = cfg.train.model_copy(update={"seed": cfg.train.seed + k})
-    res = fit(model, data.images[trn], data.y[trn], data.images[val], data.y[val], tcfg,
-              num_classes=len(data.class_names), description=f"fold {k + 1}/{cfg.cv.n_splits}",
-              progress=bar)
+    selected, inner_scores, fcfg = None, None, cfg
+    if cfg.cv.scheme == "nested":
+        selected, inner_scores = _select_point(cfg, data, spec, groups, bar)
+        fcfg = with_point(cfg, selected)
+        console.print(f"{spec.key}: inner CV selected {selected}")
+    res = _train(fcfg, data, trn, val, seed_offset=1000 * spec.index + 100_003 * spec.repeat,
+                 fit_seed_offset=spec.index + 7919 * spec.repeat, description=f"{spec.key} (of {n_folds})", bar=bar)
     p_val = predict_proba(res.model, data.images[val], device=device, tta=cfg.train.tta)
-    thr = _threshold(cfg, data.y[val], p_val)
-    proba = predict_proba(res.model, data.images[te], device=device, tta=cfg.train.tta)
-    save_checkpoint(res.model, ckpt, _meta(cfg, data, h, fold=k, best_epoch=res.best_epoch, threshold=thr))
-    return {"config_hash": h, "fold": k, "test_ids": [data.cases[i].case_id for i in te], "proba": proba.tolist(),
-            "threshold": thr, "best_epoch": res.best_epoch, "history": res.history,
-            "n_train": int(len(trn)), "n_val": int(len(val))}
+    p_test = predict_proba(res.model, data.images[te], device=device, tta=cfg.train.tta)
+    temperature = None
+    p_val_use, p_test_use = p_val, p_test
+    if cfg.evaluate.calibration == "temperature":
+        ts = TemperatureScaler().fit(p_val, data.y[val])
+        temperature = ts.temperature_
+        p_val_use, p_test_use = ts.transform(p_val), ts.transform(p_test)
+    thr = io.choose_threshold(cfg, data.y[val], p_val_use)
+    save_checkpoint(res.model, ckpt, io.checkpoint_meta(cfg, data, h, fold=spec.key, best_epoch=res.best_epoch,
+                                                        threshold=thr, temperature=temperature, selected=selected))
+    return {"config_hash": h, "fold": spec.key, "test_ids": [data.cases[i].case_id for i in te],
+            "proba": p_test_use.tolist(), "proba_raw": p_test.tolist(), "threshold": thr,
+            "temperature": temperature, "selected": selected, "inner_scores": inner_scores,
+            "best_epoch": res.best_epoch, "history": res.history, "n_train": int(len(trn)), "n_val": int(len(val))}
 
 
 def _load_fold(path: Path, ckpt: Path, h: str, data: PreparedData, te: np.ndarray) -> dict | None:
@@ -217,47 +289,71 @@ def _load_fold(path: Path, ckpt: Path, h: str, data: PreparedData, te: np.ndarra
         return None
     try:
         rec = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     if rec.get("config_hash") != h or rec.get("test_ids") != [data.cases[i].case_id for i in te]:
+        return None
+    from medtl.train.checkpoint import CorruptCheckpointError, verify_checkpoint
+
+    try:  # a corrupt or partial checkpoint means the fold is retrained, never loaded
+        verify_checkpoint(ckpt)
+    except CorruptCheckpointError as exc:
+        console.print(f"[yellow]{path.stem}: {exc}; retraining this fold[/]")
         return None
     return rec
 
 
 def train_official(cfg: Config, out_dir: str | Path, *, progress: bool = True, data: PreparedData | None = None) -> dict:
-    """Train on the official ``train`` split, select on ``val``, report on ``test``."""
+    """Train on the official ``train`` split, select (epoch, temperature, threshold) on ``val``,
+    report on ``test`` with patient-bootstrap CIs."""
+    out_dir, progress = _rank_out(out_dir, progress)
     t0 = time.time()
-    out, h = _start(cfg, out_dir, resume=False)
+    out, h = io.start_run(cfg, out_dir, resume=False)
     data = data if data is not None else prepare(cfg, progress=progress)
-    (out / "skipped.json").write_text(json.dumps(data.skipped, indent=2))
+    io.write_json(out / "skipped.json", data.skipped)
     trn, val, tst = data.subset("train"), data.subset("val"), data.subset("test")
     if len(trn) == 0 or len(val) == 0 or len(tst) == 0:
         raise DataError(f"Official-split training needs train, val and test cases; found {len(trn)}/{len(val)}/"
                         f"{len(tst)}. Use data.format=medmnist with data.split=official, or a manifest with a "
                         "'split' column (train/val/test); or run `medtl cv` instead.")
     device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
-    model = _make_model(cfg, len(data.class_names))
-    with (_progress() if progress else nullcontext()) as bar:
-        res = fit(model, data.images[trn], data.y[trn], data.images[val], data.y[val], cfg.train,
-                  num_classes=len(data.class_names), description="train",
-                  progress=bar)
+    with (io.progress_bar() if progress else nullcontext()) as bar:
+        res = _train(cfg, data, trn, val, seed_offset=0, fit_seed_offset=0, description="train", bar=bar)
     p_val = predict_proba(res.model, data.images[val], device=device, tta=cfg.train.tta)
-    thr = _threshold(cfg, data.y[val], p_val)
     p_test = predict_proba(res.model, data.images[tst], device=device, tta=cfg.train.tta)
-    save_checkpoint(res.model, out / "checkpoints" / "final", _meta(cfg, data, h, best_epoch=res.best_epoch, threshold=thr))
+    temperature, p_val_use, p_test_cal = None, p_val, None
+    if cfg.evaluate.calibration == "temperature":
+        ts = TemperatureScaler().fit(p_val, data.y[val])
+        temperature, p_val_use, p_test_cal = ts.temperature_, ts.transform(p_val), ts.transform(p_test)
+    thr = io.choose_threshold(cfg, data.y[val], p_val_use)
+    save_checkpoint(res.model, out / "checkpoints" / "final",
+                    io.checkpoint_meta(cfg, data, h, best_epoch=res.best_epoch, threshold=thr, temperature=temperature))
     pseudo = Pseudonymizer.for_run(out, reveal=cfg.privacy.reveal_ids)
     groups = data.groups
-    test, binfo = _ci(cfg, data.y[tst], p_test, groups[tst], thr)
-    _write_predictions(out / "predictions.csv", data, tst, p_test, ["test"] * len(tst), pseudo, thr)
-    plots = _plots(out, data.y[tst], p_test, data.class_names, thr, res.history, None, "official test split")
+    scored = _score(cfg, data.y[tst], p_test, groups[tst], thr, p_test_cal)
+    shown = p_test_cal if p_test_cal is not None else p_test
+    io.write_predictions(out / "predictions.csv", data, tst, shown, ["test"] * len(tst), pseudo, thr)
+    plots = io.write_plots(out, data.y[tst], p_test, data.class_names, thr, res.history, None,
+                           "official test split", p_test_cal)
     metrics = {
-        "task": "official", "name": cfg.name, "test": test, "val": compute_metrics(data.y[val], p_val, threshold=thr),
-        "bootstrap": binfo, "threshold": thr, "best_epoch": res.best_epoch, "class_names": data.class_names,
+        "task": "official", "name": cfg.name, "test": scored["metrics"],
+        "val": compute_metrics(data.y[val], p_val_use, threshold=thr), "calibration": scored["calibration"],
+        "temperature": temperature, "bootstrap": scored["bootstrap"], "threshold": thr,
+        "threshold_rule": cfg.evaluate.threshold, "best_epoch": res.best_epoch, "class_names": data.class_names,
         "n_train": int(len(trn)), "n_val": int(len(val)), "n_test": int(len(tst)), "n_skipped": len(data.skipped),
         "model": cfg.model.name, "pretrained": cfg.model.pretrained, "plots": plots, "device": str(device),
         "seconds": round(time.time() - t0, 1), "config_hash": h, "history": res.history,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _summary(f"{cfg.name}: official test split ({len(tst)} cases)", test)
+    if "multiclass" in scored:
+        metrics["multiclass"] = scored["multiclass"]
+    io.write_json(out / "metrics.json", metrics)
+    io.print_summary(f"{cfg.name}: official test split ({len(tst)} cases)", scored["metrics"])
+    _track(cfg, out, metrics)
     return metrics
+
+
+def _track(cfg: Config, out: Path, metrics: dict) -> None:
+    if cfg.tracking == "mlflow":
+        from medtl.evaluate.tracking import log_run
+
+        log_run(cfg, out, metrics)
