@@ -19,13 +19,16 @@ from matplotlib.figure import Figure
 
 from medtl.errors import DataError
 
-__all__ = ["overlay_png", "panel_png", "display_map", "METHOD_TITLES"]
+__all__ = ["overlay_png", "panel_png", "montage_png", "display_map", "METHOD_TITLES"]
 
 #: Panel titles for the method names of :func:`medtl.explain.attribution.explain`.
 METHOD_TITLES: dict[str, str] = {
     "gradcam": "Grad-CAM", "layergradcam": "Grad-CAM",
     "ig": "Integrated Gradients", "integrated_gradients": "Integrated Gradients",
+    "guided_gradcam": "Guided Grad-CAM", "gradient_shap": "GradientSHAP",
+    "occlusion": "Occlusion", "smoothgrad": "SmoothGrad",
 }
+_PLANES = (("axial", 0), ("coronal", 1), ("sagittal", 2))
 _OUTLIER_PERC = 0.5      # top percentage clipped when normalising a map for display
 _HIDE_BELOW = 0.05       # normalised values below this are drawn transparent
 _PANEL_INCHES = 3.0
@@ -137,6 +140,96 @@ def panel_png(
     shown = {name: display_map(m) for name, m in shown.items()}  # scaled on the shown slice
     return _render(np.clip(np.nan_to_num(img), 0.0, 1.0), shown, roi, full_title, alpha, cmap,
                    show_image)
+
+
+def montage_png(
+    volume: np.ndarray,
+    attribution: np.ndarray,
+    *,
+    title: str = "",
+    mask: np.ndarray | None = None,
+    n_slices: int = 5,
+    alpha: float = 0.45,
+    cmap: str = "jet",
+) -> bytes:
+    """3D overlay: slice montages in the three planes plus a maximum-intensity projection.
+
+    Rows are the axial (along D), coronal (along H) and sagittal (along W) planes; each row
+    shows ``n_slices`` evenly spaced slices through the part of the volume that holds
+    attribution, then the MIP of the map along that axis over the scan's MIP. The map is
+    scaled once for the whole volume (see :func:`display_map`), so colours compare across
+    slices and planes.
+
+    Args:
+        volume: the windowed scan ``(D, H, W)`` in ``[0, 1]`` (a leading size-1 axis is dropped).
+        attribution: same shape; signed maps are shown by magnitude.
+        title: figure title (a case id, never a patient identifier).
+        mask: optional region of interest ``(D, H, W)``, drawn as a contour.
+        n_slices: slices per plane (>= 1).
+
+    Returns:
+        PNG bytes.
+
+    Example:
+        >>> png = montage_png(np.random.rand(16, 32, 32), np.random.rand(16, 32, 32), title="V-1")
+        >>> png[:4]
+        b'\\x89PNG'
+    """
+    vol = _squeeze(volume, "volume")
+    att = _squeeze(attribution, "attribution")
+    roi = None if mask is None else _squeeze(mask, "mask") != 0
+    if vol.ndim != 3 or att.shape != vol.shape or (roi is not None and roi.shape != vol.shape):
+        raise DataError(
+            f"montage_png needs a (D, H, W) volume with a map (and mask) of the same shape. Got "
+            f"volume {vol.shape}, map {att.shape}"
+            f"{'' if roi is None else f', mask {roi.shape}'}; resample them to one grid."
+        )
+    if not isinstance(n_slices, int) or isinstance(n_slices, bool) or n_slices < 1:
+        raise DataError(f"The 'n_slices' parameter of montage_png must be an int >= 1. Got {n_slices!r} instead.")
+    vol = np.clip(np.nan_to_num(vol), 0.0, 1.0)
+    heat = display_map(att)
+    fig = Figure(figsize=(1.9 * (n_slices + 1) + 0.8, 1.9 * 3 + 0.6), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, n_slices + 1, squeeze=False)
+    for row, (plane, axis) in enumerate(_PLANES):
+        for col, k in enumerate(_slice_positions(heat, axis, n_slices)):
+            ax = axes[row, col]
+            ax.imshow(_cut(vol, axis, k), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
+                      aspect="auto")
+            ax.imshow(np.ma.masked_less(_cut(heat, axis, k), _HIDE_BELOW), cmap=cmap, vmin=0.0,
+                      vmax=1.0, alpha=alpha, interpolation="nearest", aspect="auto")
+            _draw_mask(ax, None if roi is None else _cut(roi, axis, k))
+            ax.set_title(f"{plane} {k + 1}/{vol.shape[axis]}", fontsize=8)
+        ax = axes[row, n_slices]
+        ax.imshow(vol.max(axis=axis), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
+                  aspect="auto")
+        mip = ax.imshow(np.ma.masked_less(heat.max(axis=axis), _HIDE_BELOW), cmap=cmap, vmin=0.0,
+                        vmax=1.0, alpha=alpha, interpolation="nearest", aspect="auto")
+        _draw_mask(ax, None if roi is None else roi.any(axis=axis))
+        ax.set_title(f"{plane} MIP", fontsize=8, fontweight="bold")
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    bar = fig.colorbar(mip, ax=axes[:, -1], fraction=0.08, pad=0.02, ticks=[0.0, 0.5, 1.0])
+    bar.solids.set_alpha(1.0)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("relative |attribution|", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _slice_positions(heat: np.ndarray, axis: int, n: int) -> list[int]:
+    """``n`` evenly spaced slice indices along ``axis`` spanning the slices with attribution."""
+    profile = heat.max(axis=tuple(a for a in range(3) if a != axis))
+    inside = np.flatnonzero(profile >= _HIDE_BELOW)
+    lo, hi = (int(inside[0]), int(inside[-1])) if inside.size else (0, heat.shape[axis] - 1)
+    return sorted({int(round(v)) for v in np.linspace(lo, hi, n + 2)[1:-1]} or {lo})
+
+
+def _cut(arr: np.ndarray, axis: int, k: int) -> np.ndarray:
+    return np.take(arr, k, axis=axis)
 
 
 def _render(img: np.ndarray, maps: dict[str, np.ndarray], roi: np.ndarray | None, title: str,

@@ -62,7 +62,10 @@ def write_report(
     metrics: Mapping[str, Any],
     plots: Mapping[str, str | Path | bytes],
     cases: Sequence[Mapping[str, Any]],
-    sanity: Mapping[str, Any] | None = None,
+    randomization: Mapping[str, Mapping[str, Any]] | None = None,
+    faithfulness: Mapping[str, Mapping[str, Any]] | None = None,
+    localisation: Mapping[str, Mapping[str, Any]] | None = None,
+    check_plots: Mapping[str, str | Path | bytes] | None = None,
     notes: Sequence[str] | None = None,
 ) -> Path:
     """Write the saliency report as one self-contained HTML file.
@@ -77,10 +80,16 @@ def write_report(
             ``{"test": {metric: {"value": x, "ci95": [lo, hi]}}}``.
         plots: caption -> PNG file (or PNG bytes), e.g. ROC and calibration curves.
         cases: one dict per explained case: ``case_id`` (str), ``label``, ``pred``, ``prob``,
-            ``correct``, ``fold``, ``panel_png`` (PNG bytes from
-            :func:`medtl.explain.overlay.panel_png`), ``sanity`` and ``mask_agreement``
-            (dicts or ``None``). Shown grouped as correct / wrong predictions.
-        sanity: run-level randomisation-check summary (key/value), or ``None``.
+            ``correct``, ``fold``, ``group`` (e.g. ``"wrong, most confident"``), ``panel_png``
+            (PNG bytes from :func:`medtl.explain.overlay.panel_png`), optional ``extra_pngs``
+            (``[(caption, PNG bytes)]``, e.g. 3D montages), ``ig_delta`` and
+            ``mask_agreement`` (method -> dict). Shown grouped as correct / wrong predictions.
+        randomization: method -> cascading randomisation result (``steps``, ``passed``,
+            ``verdict``, ``mean_abs_spearman``), see :mod:`medtl.explain.sanity`.
+        faithfulness: method -> deletion/insertion AUC summary
+            (:func:`medtl.explain.faithfulness.summarize_faithfulness`).
+        localisation: method -> pointing game / attribution-in-mask summary.
+        check_plots: caption -> PNG of the trust checks (shown in the sanity section).
         notes: free-text remarks shown as a list.
 
     Returns:
@@ -103,8 +112,11 @@ def write_report(
         "metric_tables": _metric_tables(metrics),
         "fold_table": _fold_table(metrics),
         "plots": [{"caption": str(k), "src": _data_uri(_read_png(k, v))} for k, v in plots.items()],
-        "sanity": _items(sanity, withheld) if sanity else [],
-        "sanity_passed": (sanity or {}).get("passed"),
+        "randomization": _randomization_view(randomization),
+        "faithfulness": _faithfulness_view(faithfulness),
+        "localisation": _localisation_view(localisation),
+        "check_plots": [{"caption": str(k), "src": _data_uri(_read_png(k, v))}
+                        for k, v in (check_plots or {}).items()],
         "notes": [str(n) for n in (notes or [])],
     }
     views = [_case_view(i, c, withheld) for i, c in enumerate(cases)]
@@ -158,6 +170,11 @@ def _case_view(index: int, case: Mapping[str, Any], withheld: set[str]) -> dict[
     for key in case:
         if _withheld(key, case[key]):
             withheld.add(str(key))
+    extras = []
+    for caption, extra in case.get("extra_pngs") or ():
+        if not isinstance(extra, (bytes, bytearray)) or not bytes(extra).startswith(_PNG_MAGIC):
+            raise ValueError(f"cases[{index}] ({case_id}) 'extra_pngs' must hold (caption, PNG bytes) pairs.")
+        extras.append({"caption": str(caption), "src": _data_uri(bytes(extra))})
     correct = case.get("correct")
     if correct is None:
         correct = case.get("label") is not None and case.get("label") == case.get("pred")
@@ -168,10 +185,63 @@ def _case_view(index: int, case: Mapping[str, Any], withheld: set[str]) -> dict[
         "prob": case.get("prob"),
         "fold": case.get("fold"),
         "correct": bool(correct),
+        "group": case.get("group"),
         "src": _data_uri(bytes(png)),
-        "sanity": _items(case.get("sanity"), withheld),
+        "extras": extras,
+        "ig_delta": case.get("ig_delta"),
         "mask_agreement": _items(case.get("mask_agreement"), withheld),
     }
+
+
+def _title(method: str) -> str:
+    from medtl.explain.overlay import METHOD_TITLES
+
+    return METHOD_TITLES.get(str(method), str(method))
+
+
+def _randomization_view(results: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any] | None:
+    """Verdict table (one row per method) and the per-step |rho| / SSIM table."""
+    if not results:
+        return None
+    labels: list[str] = []
+    for res in results.values():
+        if len(res.get("steps", ())) > len(labels):
+            labels = [str(s["randomized"]) for s in res["steps"]]
+    rows = []
+    for method, res in results.items():
+        steps = list(res.get("steps", ()))
+        cells = [(f"{_fmt(s['mean_abs_spearman'])} / {_fmt(s['mean_ssim'])}") for s in steps]
+        rows.append({"method": _title(method), "passed": bool(res.get("passed")),
+                     "verdict": str(res.get("verdict", "")), "cells": cells + ["—"] * (len(labels) - len(cells)),
+                     "n_images": res.get("n_images", len(steps[-1]["spearman"]) if steps else 0)})
+    return {"labels": labels, "rows": rows, "all_passed": all(r["passed"] for r in rows),
+            "failed": [r["method"] for r in rows if not r["passed"]],
+            "threshold": _fmt(next(iter(results.values())).get("threshold"))}
+
+
+def _faithfulness_view(results: Mapping[str, Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    out = []
+    for method, r in (results or {}).items():
+        if not r:
+            continue
+        out.append({"method": _title(method), "deletion": _fmt(r["deletion_auc"]),
+                    "random_deletion": _fmt(r["random_deletion_auc"]),
+                    "insertion": _fmt(r["insertion_auc"]), "random_insertion": _fmt(r["random_insertion_auc"]),
+                    "deletion_ok": bool(r["deletion_better_than_random"]),
+                    "insertion_ok": bool(r["insertion_better_than_random"]), "n": r.get("n_images")})
+    return out
+
+
+def _localisation_view(results: Mapping[str, Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    out = []
+    for method, r in (results or {}).items():
+        game = r.get("pointing_game")
+        strict = r.get("pointing_game_1px")
+        out.append({"method": _title(method), "n": r.get("n_cases"), "hits": r.get("pointing_hits"),
+                    "game": "—" if game is None else f"{game:.0%}", "tolerance": r.get("tolerance_px"),
+                    "strict": "—" if strict is None else f"{strict:.0%} ({r.get('pointing_hits_1px')})",
+                    "energy": _fmt(r.get("mean_energy_in_mask")), "chance": _fmt(r.get("mean_mask_fraction"))})
+    return out
 
 
 def _items(mapping: Mapping[str, Any] | None, withheld: set[str]) -> list[tuple[str, str]]:

@@ -1,9 +1,17 @@
-"""``medtl explain RUN_DIR``: saliency for selected out-of-fold cases, checked, in one HTML report.
+"""``medtl explain RUN_DIR``: saliency for out-of-fold cases, checked, in one HTML report.
 
 Each case is explained by the model that did NOT train on it (its fold's checkpoint, or
 the final model of an official-split run), on the windowed image exactly as the model saw
-it. Every map gets the model-randomisation sanity check, and where a region mask is known
-(the demo's lesions) the share of attribution inside it.
+it, with every method in ``explain.methods``. The report holds:
+
+* a gallery: correct and wrong predictions, the most and the least confident of each;
+* the cascading randomisation test per method (Adebayo et al. 2018) on the gallery cases;
+* deletion/insertion faithfulness curves per method against a random pixel order;
+* localisation where masks exist (the demo's lesions): pointing game and attribution
+  inside the mask over EVERY correctly classified case with a mask, not just the gallery.
+
+Everything measured is also written to ``explain.json``; 3D maps of the gallery cases are
+exported as NIfTI in ``saliency/`` (in the scan's own space when it is a NIfTI file).
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +30,239 @@ import yaml
 from medtl import __version__
 from medtl.config import load_config
 from medtl.data.prepare import load_cases, load_mask, prepare
-from medtl.errors import MedtlError
-from medtl.explain.attribution import explain
-from medtl.explain.overlay import panel_png
+from medtl.errors import ConfigError, MedtlError
+from medtl.explain import _plots
+from medtl.explain._summary import localisation_summary, merge_randomization, notes
+from medtl.explain.attribution import ConvergenceWarning, explain, gradcam_layer, relative_delta
+from medtl.explain.export import save_nifti
+from medtl.explain.faithfulness import deletion_insertion, summarize_faithfulness
+from medtl.explain.overlay import montage_png, panel_png
 from medtl.explain.report import write_report
-from medtl.explain.sanity import mask_agreement, randomization_check
+from medtl.explain.sanity import RANDOMIZATION_THRESHOLD, mask_agreement, randomization_check
 from medtl.train.checkpoint import load_checkpoint
 
 __all__ = ["explain_run", "select_cases"]
 
-_METHOD_TITLES = {"gradcam": "Grad-CAM", "ig": "Integrated Gradients"}
 _REPORT_METRICS = ("pooled", "test", "val", "folds", "bootstrap", "class_counts")
+
+
+def select_cases(rows: list[dict], class_names: list[str], n_correct: int, n_wrong: int) -> list[dict]:
+    """Gallery: for correct and for wrong predictions, the most and the least confident.
+
+    ``rows`` are ``predictions.csv`` rows. Of ``n_correct`` (``n_wrong``) cases, the first
+    half (rounded up) are the most confident, the rest the least confident; classes
+    alternate inside each part. Returns the chosen rows with ``confidence``, ``correct``
+    and ``group`` (e.g. ``"wrong, most confident"``) added; no case appears twice.
+
+    Example:
+        >>> [r["group"] for r in select_cases(rows, ["normal", "lesion"], 2, 2)]  # doctest: +SKIP
+        ['correct, most confident', 'correct, least confident', 'wrong, most confident', ...]
+    """
+    def conf(r: dict) -> float:
+        return float(r[f"prob_{r['pred']}"])
+
+    picked: list[dict] = []
+    seen: set[str] = set()
+    for want_correct, n in ((True, n_correct), (False, n_wrong)):
+        pool = [r for r in rows if (r["pred"] == r["label"]) == want_correct]
+        kind = "correct" if want_correct else "wrong"
+        for which, k, reverse in (("most", (n + 1) // 2, True), ("least", n // 2, False)):
+            by_class = {c: sorted([r for r in pool if r["label"] == c and r["id"] not in seen],
+                                  key=conf, reverse=reverse) for c in class_names}
+            chosen: list[dict] = []
+            while len(chosen) < k and any(by_class.values()):
+                for c in class_names:
+                    if by_class[c] and len(chosen) < k:
+                        chosen.append(by_class[c].pop(0))
+            seen.update(r["id"] for r in chosen)
+            picked += [{**r, "confidence": conf(r), "correct": want_correct,
+                        "group": f"{kind}, {which} confident"} for r in chosen]
+    return picked
+
+
+def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overrides: list[str] | None = None,
+                progress: bool = True) -> Path:
+    """Write ``report.html`` (and ``explain.json``) for a finished run; returns the report path.
+
+    Args:
+        run_dir: a ``medtl cv`` or ``medtl train`` output directory.
+        out_dir: where to write the report (default: ``run_dir``).
+        overrides: ``--set`` style overrides, e.g. ``["explain.n_wrong=8", "explain.methods=[gradcam]"]``.
+        progress: show a progress bar.
+
+    Example:
+        >>> explain_run("runs/demo", overrides=["explain.methods=[gradcam,ig,smoothgrad]"])  # doctest: +SKIP
+        PosixPath('runs/demo/report.html')
+    """
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    raw, metrics, rows = _read_run(run_dir)
+    cfg = load_config(raw, overrides)
+    class_names = metrics["class_names"]
+    cfg.data.class_names = class_names
+    ex = cfg.explain
+    device = _device(ex.device)
+    gallery = select_cases(rows, class_names, ex.n_correct, ex.n_wrong)
+    all_cases = {c.case_id: c for c in load_cases(cfg.data.model_copy(update={"max_cases": None}),
+                                                  cfg.resolved_data_path())}
+    localise = [r for r in rows if r["pred"] == r["label"] and all_cases.get(r["id"]) is not None
+                and all_cases[r["id"]].mask] if ex.localisation else []
+    wanted = {r["id"]: r for r in [*gallery, *localise]}
+    missing = [i for i in wanted if i not in all_cases]
+    if missing:
+        raise MedtlError(f"{len(missing)} case(s) of the run are no longer in the data at "
+                         f"'{cfg.resolved_data_path()}'. Explain needs the same data the run used.")
+    data = prepare(cfg, [all_cases[i] for i in wanted], progress=False, require_all_classes=False)
+    by_id = {c.case_id: i for i, c in enumerate(data.cases)}
+    masks = {cid: load_mask(data.cases[i], cfg.data.image_size) for cid, i in by_id.items()}
+    gallery_ids = {r["id"] for r in gallery}
+
+    maps: dict[str, dict[str, np.ndarray]] = {}      # case id -> method -> map
+    deltas: dict[str, float] = {}
+    randomization: dict[str, list[dict]] = {m: [] for m in ex.methods}
+    curves: dict[str, list[dict]] = {m: [] for m in ex.methods}
+    record_name, cam_layer = "", ""
+    for key, fold_rows in _track(_by_model(wanted.values()), "Explaining folds", progress):
+        model = load_checkpoint(run_dir / "checkpoints" / key)[0].to(device)
+        record_name = model.weights_record.name
+        ids = [r["id"] for r in fold_rows]
+        x = torch.from_numpy(data.images[[by_id[i] for i in ids]])
+        target = torch.tensor([class_names.index(r["pred"]) for r in fold_rows])
+        g = [j for j, i in enumerate(ids) if i in gallery_ids]
+        layer, name, grid = gradcam_layer(model, x, ex.gradcam_stride)
+        cam_layer = f"{name} ({'x'.join(map(str, grid))} map)"
+        for method in ex.methods:
+            kw = {**_kwargs(method, ex), **({"layer": layer} if "gradcam" in method else {})}
+            m = _batched(model, x, target, method, ex, deltas, ids, kw)
+            for j, i in enumerate(ids):
+                maps.setdefault(i, {})[method] = m[j]
+            if not g:
+                continue
+            xg, tg, mg = x[g], target[g], torch.from_numpy(m[g])
+            if ex.sanity_check:
+                randomization[method].append(randomization_check(
+                    model, xg, tg, method, max_steps=ex.cascade_steps, original=mg, **kw))
+            if ex.faithfulness_steps:
+                curves[method] += deletion_insertion(model, xg.to(device), mg, tg,
+                                                     n_steps=ex.faithfulness_steps)
+        del model
+
+    tol = ex.pointing_tolerance
+    if tol is None:  # Zhang et al. (2016): 15 px on ~224 px images, scaled to this image size
+        tol = max(1, round(15 / 224 * float(np.mean(cfg.data.image_size))))
+    agreement = {i: {m: {**mask_agreement(maps[i][m], masks[i], tolerance=tol),
+                         "pointing_hit_1px": mask_agreement(maps[i][m], masks[i])["pointing_hit"]}
+                     for m in ex.methods}
+                 for i in maps if masks.get(i) is not None and masks[i].any()}
+    sanity = {m: merge_randomization(res, RANDOMIZATION_THRESHOLD) for m, res in randomization.items() if res}
+    faith = {m: summarize_faithfulness(rows_) for m, rows_ in curves.items() if rows_}
+    local = localisation_summary({i: a for i, a in agreement.items() if i in {r["id"] for r in localise}},
+                                 ex.methods, tol)
+    items = [_case_item(r, data, by_id[r["id"]], maps[r["id"]], masks[r["id"]], agreement.get(r["id"]),
+                        deltas.get(r["id"]), out, ex.export_nifti, cfg.data.spacing) for r in gallery]
+    check_plots = {}
+    if sanity:
+        check_plots["Randomisation test"] = _plots.randomization_plot(sanity, RANDOMIZATION_THRESHOLD)
+    if faith:
+        check_plots["Deletion and insertion curves"] = _plots.faithfulness_plot(curves)
+    plots = {cap: run_dir / f for cap, f in (("ROC", "roc.png"), ("Confusion matrix", "confusion.png"),
+                                             ("Training curves", "training.png")) if (run_dir / f).is_file()}
+    seconds = time.perf_counter() - t0
+    run_info = {
+        "config_name": cfg.name, "task": metrics.get("task"), "model": cfg.model.name, "weights": record_name,
+        "pretrained": cfg.model.pretrained, "n_cases": metrics.get("n_cases", metrics.get("n_test")),
+        "n_patients": metrics.get("n_patients"), "intensity": _intensity_text(cfg),
+        "image_size": "x".join(map(str, cfg.data.image_size)), "device": metrics.get("device"),
+        "explain_device": _device_name(device), "methods": ", ".join(ex.methods),
+        "gradcam_layer": cam_layer,
+        "explain_seconds": round(seconds, 1),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"), "medtl_version": __version__,
+    }
+    summary = {"methods": list(ex.methods), "device": _device_name(device), "seconds": seconds,
+               "gradcam_layer": cam_layer, "pointing_tolerance_px": tol,
+               "gallery": [r["id"] for r in gallery], "localisation": local, "randomization": sanity,
+               "faithfulness": faith, "ig_delta": deltas}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explain.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    return write_report(
+        out / "report.html", title=f"medtl report: {cfg.name}", run_info=run_info,
+        metrics={k: metrics[k] for k in _REPORT_METRICS if k in metrics}, plots=plots, cases=items,
+        randomization=sanity, faithfulness=faith, localisation=local, check_plots=check_plots,
+        notes=notes(metrics, local, deltas))
+
+
+def _batched(model, x, target, method, ex, deltas: dict, ids: list[str], kw: dict) -> np.ndarray:
+    """Maps ``(N, *spatial)`` for one method, ``ex.batch_size`` images per call; IG deltas kept."""
+    out = []
+    for lo in range(0, len(x), ex.batch_size):
+        xb, tb = x[lo: lo + ex.batch_size], target[lo: lo + ex.batch_size]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # reported once, below
+            m, d = explain(model, xb, tb, method, return_delta=True, **kw)
+        if d is not None:
+            deltas.update(zip(ids[lo: lo + ex.batch_size], relative_delta(m, d).tolist()))
+        out.append(m.cpu().numpy())
+    worst = max((deltas[i] for i in ids if i in deltas), default=0.0) if method == "ig" else 0.0
+    if worst > ex.ig_delta_threshold:
+        warnings.warn(f"Integrated Gradients: completeness error up to {worst:.1%} of f(x) - f(baseline) "
+                      f"with {ex.ig_steps} steps (threshold {ex.ig_delta_threshold:.0%}); raise "
+                      "explain.ig_steps.", ConvergenceWarning, stacklevel=2)
+    return np.concatenate(out)
+
+
+def _kwargs(method: str, ex) -> dict:
+    if method == "ig":
+        return {"n_steps": ex.ig_steps, "delta_threshold": ex.ig_delta_threshold}
+    if method in ("gradient_shap", "smoothgrad"):
+        return {"n_samples": ex.n_samples}
+    return {}
+
+
+def _case_item(r: dict, data, i: int, maps: dict, mask, agreement, delta, out: Path, export: bool,
+               spacing) -> dict:
+    image = data.images[i, 0]
+    title = f"{r['id']}: label {r['label']}, predicted {r['pred']} ({r['confidence']:.2f})"
+    extra = []
+    if image.ndim == 3:
+        for method, m in maps.items():
+            extra.append((f"{method}: three planes + MIP", montage_png(image, m, title=f"{r['id']} {method}",
+                                                                      mask=mask)))
+            if export:  # in the scan's space when it is a plainly resized NIfTI volume
+                path = str(data.cases[i].path or "")
+                ref = path if spacing is None and path.endswith((".nii", ".nii.gz")) else None
+                save_nifti(m, out / "saliency" / f"{r['id']}_{method}.nii.gz", reference=ref,
+                           spacing=None if ref else spacing)
+    return {"case_id": r["id"], "label": r["label"], "pred": r["pred"], "prob": r["confidence"],
+            "correct": r["correct"], "fold": r["fold"], "group": r["group"],
+            "panel_png": panel_png(image, maps, title=title, mask=mask), "extra_pngs": extra,
+            "ig_delta": delta, "mask_agreement": agreement}
+
+
+def _by_model(rows) -> list[tuple[str, list[dict]]]:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        # fold column: the checkpoint key ("fold3", "site1"; repeated CV: "r0fold3|r1fold0",
+        # any of which never trained on this case), or a bare index from older runs
+        fold = r["fold"].split("|")[0]
+        key = "final" if fold in ("", "test") else (f"fold{fold}" if fold.isdigit() else fold)
+        groups.setdefault(key, []).append(r)
+    return sorted(groups.items())
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("explain.device=cuda was asked for but torch sees no CUDA device. "
+                          "Use explain.device=auto or cpu.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _read_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
@@ -44,92 +276,6 @@ def _read_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
     with (run_dir / "predictions.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     return raw, metrics, rows
-
-
-def select_cases(rows: list[dict], class_names: list[str], n_correct: int, n_wrong: int) -> list[dict]:
-    """The most confident wrong predictions and the most confident correct ones, classes alternating.
-
-    ``rows`` are ``predictions.csv`` rows; returns the chosen rows with ``confidence`` added.
-    """
-    def conf(r: dict) -> float:
-        return float(r[f"prob_{r['pred']}"])
-
-    picked = []
-    for want_correct, n in ((False, n_wrong), (True, n_correct)):
-        pool = [r for r in rows if (r["pred"] == r["label"]) == want_correct]
-        by_class = {c: sorted([r for r in pool if r["label"] == c], key=conf, reverse=True) for c in class_names}
-        chosen: list[dict] = []
-        while len(chosen) < n and any(by_class.values()):
-            for c in class_names:
-                if by_class[c] and len(chosen) < n:
-                    chosen.append(by_class[c].pop(0))
-        picked += [{**r, "confidence": conf(r), "correct": want_correct} for r in chosen]
-    return picked
-
-
-def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overrides: list[str] | None = None,
-                progress: bool = True) -> Path:
-    """Write ``report.html`` for a finished run; returns its path.
-
-    Args:
-        run_dir: a ``medtl cv`` or ``medtl train`` output directory.
-        out_dir: where to write the report (default: ``run_dir``).
-        overrides: ``--set`` style overrides, e.g. ``["explain.n_wrong=8", "explain.methods=[gradcam]"]``.
-    """
-    run_dir = Path(run_dir)
-    out = Path(out_dir) if out_dir is not None else run_dir
-    raw, metrics, rows = _read_run(run_dir)
-    cfg = load_config(raw, overrides)
-    class_names = metrics["class_names"]
-    cfg.data.class_names = class_names
-    ex = cfg.explain
-    chosen = select_cases(rows, class_names, ex.n_correct, ex.n_wrong)
-    wanted = {r["id"]: r for r in chosen}
-    cases = [c for c in load_cases(cfg.data.model_copy(update={"max_cases": None}), cfg.resolved_data_path())
-             if c.case_id in wanted]
-    if len(cases) != len(wanted):
-        raise MedtlError(f"{len(wanted) - len(cases)} case(s) of the run are no longer in the data at "
-                         f"'{cfg.resolved_data_path()}'. Explain needs the same data the run used.")
-    data = prepare(cfg, cases, progress=False, require_all_classes=False)
-    by_id = {c.case_id: i for i, c in enumerate(data.cases)}
-    items = []
-    models: dict[str, torch.nn.Module] = {}
-    track = _tracker(progress)
-    for r in track(chosen, "Explaining cases"):
-        key = f"fold{r['fold']}" if r["fold"] not in ("", "test") else "final"
-        if key not in models:
-            models[key] = load_checkpoint(run_dir / "checkpoints" / key)[0]
-        model = models[key]
-        i = by_id[r["id"]]
-        x = torch.from_numpy(data.images[i: i + 1])
-        target = class_names.index(r["pred"])
-        maps, sanity = {}, {}
-        for method in ex.methods:
-            kw = {"ig_steps": ex.ig_steps} if method == "ig" else {}
-            maps[_METHOD_TITLES[method]] = explain(model, x, target=target, method=method, **kw)[0, 0].numpy()
-            if ex.sanity_check:
-                sanity[_METHOD_TITLES[method]] = randomization_check(model, x, target=target, method=method, **kw)
-        mask = load_mask(data.cases[i], cfg.data.image_size)
-        agreement = ({name: mask_agreement(m, mask) for name, m in maps.items()}
-                     if mask is not None and mask.any() else None)
-        title = f"{r['id']}: label {r['label']}, predicted {r['pred']} ({r['confidence']:.2f})"
-        items.append({"case_id": r["id"], "label": r["label"], "pred": r["pred"], "prob": r["confidence"],
-                      "correct": r["correct"], "fold": r["fold"],
-                      "panel_png": panel_png(data.images[i, 0], maps, title=title, mask=mask),
-                      "sanity": sanity or None, "mask_agreement": agreement})
-    plots = {cap: run_dir / f for cap, f in (("ROC", "roc.png"), ("Confusion matrix", "confusion.png"),
-                                             ("Training curves", "training.png")) if (run_dir / f).is_file()}
-    run_info = {
-        "config_name": cfg.name, "task": metrics.get("task"), "model": cfg.model.name,
-        "weights": next(iter(models.values())).weights_record.name if models else "", "pretrained": cfg.model.pretrained,
-        "n_cases": metrics.get("n_cases", metrics.get("n_test")), "n_patients": metrics.get("n_patients"),
-        "intensity": _intensity_text(cfg), "image_size": "x".join(map(str, cfg.data.image_size)),
-        "device": metrics.get("device"), "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "medtl_version": __version__,
-    }
-    return write_report(out / "report.html", title=f"medtl report: {cfg.name}", run_info=run_info,
-                        metrics={k: metrics[k] for k in _REPORT_METRICS if k in metrics}, plots=plots, cases=items, sanity=_sanity_summary(items),
-                        notes=_notes(metrics, items))
 
 
 def _intensity_text(cfg) -> str:
@@ -146,39 +292,15 @@ def _intensity_text(cfg) -> str:
     return "per-image min-max"
 
 
-def _sanity_summary(items: list[dict]) -> dict:
-    out = {}
-    for it in items:
-        for method, res in (it["sanity"] or {}).items():
-            s = out.setdefault(method, {"passed": 0, "total": 0, "rho": []})
-            s["total"] += 1
-            s["passed"] += int(bool(res["passed"]))
-            s["rho"] += [abs(v) for v in res["spearman"] if v is not None]
-    return {m: {"passed": s["passed"] == s["total"], "n_passed": s["passed"], "total": s["total"],
-                "mean_abs_spearman": float(np.mean(s["rho"])) if s["rho"] else None} for m, s in out.items()}
+def _json_default(v):
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return v.item()
+    raise TypeError(type(v).__name__)
 
 
-def _notes(metrics: dict, items: list[dict]) -> list[str]:
-    notes = []
-    if metrics.get("task") == "cv":
-        notes.append("Every case is explained by the fold model that never saw it in training (out-of-fold).")
-    with_mask = [it for it in items if it["mask_agreement"]]
-    if with_mask:
-        for method in with_mask[0]["mask_agreement"]:
-            rows = [it["mask_agreement"][method] for it in with_mask]
-            e = [r["energy_in_mask"] for r in rows if r["energy_in_mask"] is not None]
-            chance = [r["mask_fraction"] for r in rows if r["mask_fraction"] is not None]
-            hits = [r["pointing_hit"] for r in rows if r["pointing_hit"] is not None]
-            if e:
-                notes.append(f"{method}: on average {np.mean(e):.0%} of the positive attribution falls inside the "
-                             f"known lesion mask, which covers {np.mean(chance):.1%} of the image (chance level); "
-                             f"the map's peak hits the lesion in {sum(hits)} of {len(hits)} case(s).")
-    return notes
-
-
-def _tracker(enabled: bool):
+def _track(items, desc: str, enabled: bool):
     if not enabled:
-        return lambda items, desc: items
+        return items
     from rich.progress import track
 
-    return lambda items, desc: track(items, description=desc, transient=True)
+    return track(items, description=desc, transient=True)

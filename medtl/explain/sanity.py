@@ -1,18 +1,23 @@
 """Trust checks for saliency maps.
 
-* :func:`randomization_check`: the model-parameter randomisation test of Adebayo et al.,
-  "Sanity Checks for Saliency Maps" (NeurIPS 2018). If a map barely changes when the
-  learned weights are replaced by random ones, it shows the input (edges, bright blobs),
-  not what the model learned, and should not be trusted.
+* :func:`randomization_check`: the cascading model-parameter randomisation test of Adebayo
+  et al., "Sanity Checks for Saliency Maps" (NeurIPS 2018). The learned weights are
+  replaced by random ones stage by stage, from the classifier down towards the input, and
+  after every stage the maps are compared with the original ones (Spearman rank
+  correlation and SSIM of their magnitudes). If a map barely changes, it shows the input
+  (edges, bright blobs), not what the model learned, and should not be trusted.
 * :func:`mask_agreement`: how well a map agrees with an expert segmentation: share of the
   positive attribution inside the mask (compare with the mask's area, the chance level)
   and the pointing game (Zhang et al., ECCV 2016): is the map's maximum inside the mask?
+
+Faithfulness (deletion/insertion curves) lives in :mod:`medtl.explain.faithfulness`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -20,7 +25,9 @@ from scipy import ndimage, stats
 from torch import Tensor, nn
 
 from medtl.errors import ConfigError, DataError
+from medtl.explain._stages import cascade_stages, randomise
 from medtl.explain.attribution import (
+    ConvergenceWarning,
     _check_input,
     _frozen_eval,
     _model_device_dtype,
@@ -29,95 +36,165 @@ from medtl.explain.attribution import (
     resolve_method,
 )
 
-__all__ = ["RANDOMIZATION_THRESHOLD", "LAYER_CHOICES", "randomization_check", "mask_agreement"]
+__all__ = ["RANDOMIZATION_THRESHOLD", "randomization_check", "mask_agreement", "ssim"]
 
-#: A map "passes" when ``|Spearman rho|`` between the original and the randomised-model map
-#: is below this value: fewer than half of the rank relations survive randomisation, so the
-#: map depends on the learned weights. Adebayo et al. report rank correlations of roughly
-#: 0.0-0.4 for weight-dependent methods after randomising the top layers, and close to 1 for
+#: A method "passes" when the mean ``|Spearman rho|`` between original and randomised-model
+#: maps, with every cascade stage randomised, is below this value: fewer than half of the
+#: rank relations survive, so the map depends on the learned weights. Adebayo et al. report
+#: rank correlations of roughly 0.0-0.4 for weight-dependent methods and close to 1 for
 #: methods that act like edge detectors.
 RANDOMIZATION_THRESHOLD = 0.5
-LAYER_CHOICES: tuple[str, ...] = ("head", "head+last_block", "all")
 
 
 def randomization_check(
     model: nn.Module,
     x: Tensor,
-    *,
     target: int | Tensor | None = None,
     method: str = "gradcam",
-    layers: str = "head+last_block",
+    *,
+    max_steps: int = 5,
     seed: int = 0,
     threshold: float = RANDOMIZATION_THRESHOLD,
+    original: Tensor | None = None,
     **explain_kwargs: object,
 ) -> dict:
-    """Model-parameter randomisation test (Adebayo et al. 2018).
+    """Cascading model-parameter randomisation test (Adebayo et al. 2018).
 
-    A deep copy of ``model`` has its weights re-initialised (each module's own
-    ``reset_parameters()``, i.e. the distribution an untrained network starts from, drawn
-    with ``seed``); maps are recomputed for the *same* target classes and compared with the
-    original maps by Spearman rank correlation of their magnitudes, per sample.
+    The model's parametrised modules are grouped into stages (the classifier, then the
+    blocks below it, see :func:`medtl.explain._stages.cascade_stages`). A deep copy is
+    randomised cumulatively from the top: step 1 re-initialises the classifier, step 2 the
+    classifier and the last block, ...; the last step re-initialises every stage. After
+    each step the maps are recomputed for the *same* target classes and compared with the
+    original maps per sample.
 
     Args:
         model: the trained classifier (left untouched).
         x: ``(B, C, H, W)`` or ``(B, C, D, H, W)`` images in ``[0, 1]``.
         target: as in :func:`~medtl.explain.attribution.explain`; ``None`` uses the original
-            model's predicted classes for both maps.
-        method: attribution method (see :func:`~medtl.explain.attribution.explain`).
-        layers: what to re-initialise: ``"head"`` (``model.classifier_layer``),
-            ``"head+last_block"`` (plus the parameters of ``model.feature_layer``, when it
-            has any) or ``"all"`` (every module with parameters).
+            model's predicted classes for every map.
+        method: attribution method.
+        max_steps: cascade steps: the top ``max_steps - 1`` stages one at a time, then all
+            of them (``>= 2``).
         seed: seed for the random re-initialisation.
-        threshold: pass when ``|rho| < threshold`` (default :data:`RANDOMIZATION_THRESHOLD`).
-        **explain_kwargs: forwarded to ``explain`` (``ig_steps``, ``internal_batch_size``,
+        threshold: the method passes when the mean ``|rho|`` after the last step is below it.
+        original: the trained model's maps ``(B, *spatial)`` if already computed.
+        **explain_kwargs: forwarded to ``explain`` (``n_steps``, ``internal_batch_size``, ...;
             ``layer``: a submodule of ``model``, mapped to the same module of the copy).
 
     Returns:
-        JSON-ready dict: ``method``, ``layers``, ``threshold``, ``spearman`` (list of floats,
-        ``None`` where the original map is constant so no ranking exists), ``passed_per_sample``
-        (list of bools), ``mean_abs_spearman`` and ``passed`` (every sample passed).
+        JSON-ready dict: ``method``, ``threshold``, ``steps`` (one dict per step:
+        ``randomized`` (stage name, top down), ``spearman`` and ``ssim`` per sample,
+        ``mean_abs_spearman``, ``mean_ssim``), ``spearman`` / ``mean_abs_spearman`` (last
+        step), ``passed_per_sample``, ``passed`` and a plain-language ``verdict``.
 
     Example:
         >>> res = randomization_check(model, x[:4], method="gradcam")   # doctest: +SKIP
-        >>> res["passed"], res["spearman"]                              # doctest: +SKIP
-        (True, [0.08, -0.12, 0.21, 0.03])
+        >>> [round(s["mean_abs_spearman"], 2) for s in res["steps"]], res["passed"]  # doctest: +SKIP
+        ([0.41, 0.22, 0.12, 0.1, 0.05], True)
     """
     name = resolve_method(method)
-    if layers not in LAYER_CHOICES:
-        raise ConfigError(
-            f"The 'layers' parameter of randomization_check must be one of "
-            f"{', '.join(map(repr, LAYER_CHOICES))}. Got {layers!r} instead."
-        )
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 2:
+        raise ConfigError(f"The 'max_steps' parameter of randomization_check must be an int >= 2. "
+                          f"Got {max_steps!r} instead.")
     if not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise ConfigError(
             f"The 'threshold' parameter of randomization_check must be a float in (0, 1]. "
             f"Got {threshold!r} instead."
         )
     _check_input(x)
-    if target is None:  # fix the classes so both maps explain the same logit
+    if target is None:  # fix the classes so every map explains the same logit
         device, dtype = _model_device_dtype(model, x)
         with _frozen_eval(model):
             target = _resolve_target(model, x.detach().to(device, dtype), None)
     layer = explain_kwargs.pop("layer", None)
-    clone = _randomised_copy(model, layers, seed)
+    explain_kwargs.pop("return_delta", None)
+    if original is None:
+        original = explain(model, x, target, name, layer=layer, **explain_kwargs)
+    orig = original.abs().cpu().numpy()
+    clone = copy.deepcopy(model)
     clone_layer = _same_module(model, clone, layer)
-    original = explain(model, x, target=target, method=name, layer=layer, **explain_kwargs)
-    randomised = explain(clone, x, target=target, method=name, layer=clone_layer,
-                         **explain_kwargs)
-
-    rhos = [_spearman(o, r) for o, r in zip(original.abs().cpu().numpy(),
-                                            randomised.abs().cpu().numpy())]
-    passed = [rho is not None and abs(rho) < threshold for rho in rhos]
-    finite = [abs(r) for r in rhos if r is not None]
+    stages = cascade_stages(clone)
+    if not stages:
+        raise ConfigError(f"randomization_check found no module with parameters in {type(model).__name__}.")
+    plan = [[s] for s in stages[: max_steps - 1]]
+    if len(stages) > max_steps - 1:
+        plan.append(stages[max_steps - 1:])
+    steps = []
+    generator = torch.Generator().manual_seed(seed)
+    for group in plan:
+        for _, modules in group:
+            randomise(modules, generator)
+        with warnings.catch_warnings():  # IG of a random network: its convergence is not the question
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            maps = explain(clone, x, target, name, layer=clone_layer, **explain_kwargs).abs().cpu().numpy()
+        rhos = [_spearman(o, r) for o, r in zip(orig, maps)]
+        ssims = [ssim(o, r) for o, r in zip(orig, maps)]
+        label = group[0][0] if len(group) == 1 else f"all ({len(stages)} stages)"
+        steps.append({"randomized": label, "spearman": rhos, "ssim": ssims,
+                      "mean_abs_spearman": _mean_abs(rhos), "mean_ssim": _mean(ssims)})
+    last = steps[-1]
+    passed = [r is not None and abs(r) < threshold for r in last["spearman"]]
+    mean_rho = last["mean_abs_spearman"]
+    ok = mean_rho is not None and mean_rho < threshold
     return {
         "method": name,
-        "layers": layers,
         "threshold": float(threshold),
-        "spearman": rhos,
+        "steps": steps,
+        "spearman": last["spearman"],
+        "mean_abs_spearman": mean_rho,
         "passed_per_sample": passed,
-        "mean_abs_spearman": float(np.mean(finite)) if finite else None,
-        "passed": bool(passed) and all(passed),
+        "passed": bool(ok),
+        "verdict": _verdict(steps, threshold, ok),
     }
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float | None:
+    """SSIM of two maps' magnitudes, each scaled to ``[0, 1]`` (2D or 3D; scikit-image).
+
+    ``None`` when a map is constant or a side is shorter than 3.
+
+    Example:
+        >>> m = np.random.rand(16, 16)
+        >>> round(ssim(m, m), 3)
+        1.0
+    """
+    from skimage.metrics import structural_similarity
+
+    a, b = (np.abs(np.asarray(v, dtype=np.float64)) for v in (a, b))
+    if np.ptp(a) == 0 or min(a.shape) < 3:
+        return None
+    a = a / a.max()
+    b = b / b.max() if b.max() > 0 else b
+    win = min(7, min(a.shape) - (1 - min(a.shape) % 2))
+    return float(structural_similarity(a, b, data_range=1.0, win_size=win))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return float(np.mean(finite)) if finite else None
+
+
+def _mean_abs(values: list[float | None]) -> float | None:
+    finite = [abs(v) for v in values if v is not None]
+    return float(np.mean(finite)) if finite else None
+
+
+def _verdict(steps: list[dict], threshold: float, ok: bool) -> str:
+    first = next((s["randomized"] for s in steps
+                  if s["mean_abs_spearman"] is not None and s["mean_abs_spearman"] < threshold), None)
+    final = steps[-1]["mean_abs_spearman"]
+    if ok:
+        return (f"passed: the maps change when the learned weights are randomised (mean |rho| "
+                f"falls below {threshold:g} once '{first}' is randomised; {_fmt(final)} with every "
+                "stage random), so they depend on what the model learned.")
+    return (f"FAILED: the maps barely change when the learned weights are randomised (mean |rho| "
+            f"{_fmt(final)} >= {threshold:g} even with every stage random). They mostly reflect "
+            "the image itself (edges, bright structures), not the model; do not read them as "
+            "the model's reasoning.")
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def mask_agreement(attr: np.ndarray, mask: np.ndarray, *, tolerance: int = 1) -> dict:
@@ -177,35 +254,6 @@ def mask_agreement(attr: np.ndarray, mask: np.ndarray, *, tolerance: int = 1) ->
     }
 
 
-def _randomised_copy(model: nn.Module, layers: str, seed: int) -> nn.Module:
-    """Deep copy of ``model`` with the chosen layers re-initialised under ``seed``."""
-    clone = copy.deepcopy(model)
-    if layers == "all":
-        targets = [clone]
-    else:
-        head = getattr(clone, "classifier_layer", None)
-        if not isinstance(head, nn.Module):
-            raise ConfigError(
-                f"randomization_check with layers={layers!r} needs the model's final linear "
-                f"layer as 'classifier_layer', but {type(model).__name__} has none. Add it, "
-                "or use layers='all'."
-            )
-        targets = [head]
-        feature = getattr(clone, "feature_layer", None)
-        if layers == "head+last_block" and isinstance(feature, nn.Module):
-            targets.append(feature)
-    devices = [p.device for p in clone.parameters() if p.device.type == "cuda"]
-    with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})):
-        torch.manual_seed(seed)
-        n_reset = sum(_reset(t) for t in targets)
-    if n_reset == 0:
-        raise ConfigError(
-            f"randomization_check with layers={layers!r} found nothing to re-initialise "
-            "(no module with reset_parameters() holds parameters there). Use layers='all'."
-        )
-    return clone
-
-
 def _same_module(model: nn.Module, clone: nn.Module, layer: object) -> nn.Module | None:
     """The clone's counterpart of ``layer`` (a submodule of ``model``), or ``None``."""
     if layer is None:
@@ -217,17 +265,6 @@ def _same_module(model: nn.Module, clone: nn.Module, layer: object) -> nn.Module
             f"(e.g. model.feature_layer). Got {type(layer).__name__}, which is not part of it."
         )
     return clone.get_submodule(name)
-
-
-def _reset(root: nn.Module) -> int:
-    """Call ``reset_parameters()`` on every submodule of ``root`` that has one."""
-    n = 0
-    for module in root.modules():
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset) and any(True for _ in module.parameters(recurse=False)):
-            reset()
-            n += 1
-    return n
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from medtl.errors import DataError, UnreadableFileError
-from medtl.explain.overlay import display_map, overlay_png, panel_png
+from medtl.explain.overlay import display_map, montage_png, overlay_png, panel_png
 from medtl.explain.report import write_report
 
 KFOLD_METRICS = {
@@ -28,6 +28,20 @@ KFOLD_METRICS = {
         "balanced_accuracy": {"value": 0.8244, "ci95": [0.7701, 0.8713]},
         "brier": {"value": 0.1101, "ci95": None},
     },
+}
+
+
+def _steps(rhos: list[float], ssims: list[float]) -> list[dict]:
+    names = ["classifier", "conv_head", "blocks.6"]
+    return [{"randomized": n, "spearman": [r], "ssim": [s], "mean_abs_spearman": r, "mean_ssim": s}
+            for n, r, s in zip(names, rhos, ssims)]
+
+
+RANDOMIZATION = {
+    "gradcam": {"threshold": 0.5, "steps": _steps([0.12, 0.08, 0.05], [0.3, 0.2, 0.1]),
+                "passed": True, "verdict": "passed: the maps change", "n_images": 1},
+    "ig": {"threshold": 0.5, "steps": _steps([0.95, 0.93, 0.91], [0.9, 0.88, 0.85]), "passed": False,
+           "verdict": "FAILED: the maps barely change", "n_images": 1},
 }
 
 
@@ -69,11 +83,10 @@ def _cases() -> list[dict]:
     return [
         {"case_id": "C-0001", "label": "contrast", "pred": "contrast", "prob": 0.93, "correct": True,
          "fold": 0, "panel_png": p2d_mask,
-         "sanity": {"Grad-CAM": {"method": "gradcam", "threshold": 0.5, "spearman": [0.12],
-                                 "passed_per_sample": [True], "passed": True}},
+         "group": "correct, most confident", "ig_delta": 0.0123,
          "mask_agreement": {"energy_in_mask": 0.61, "pointing_hit": True, "mask_fraction": 0.08}},
         {"case_id": "C-0002", "label": "contrast", "pred": "no_contrast", "prob": 0.31,
-         "correct": False, "fold": 1, "panel_png": p2d, "sanity": None, "mask_agreement": None},
+         "correct": False, "fold": 1, "panel_png": p2d, "mask_agreement": None},
         {"case_id": "V-0003", "label": "no_contrast", "pred": "no_contrast", "prob": 0.88,
          "correct": True, "fold": None, "panel_png": p3d},
     ]
@@ -88,7 +101,13 @@ def _write(tmp_path: Path, **overrides: object) -> str:
         "metrics": KFOLD_METRICS,
         "plots": {"ROC curve": _plot_file(tmp_path / "roc.png")},
         "cases": _cases(),
-        "sanity": {"method": "gradcam", "passed": True, "mean_abs_spearman": 0.18},
+        "randomization": RANDOMIZATION,
+        "faithfulness": {"gradcam": {"deletion_auc": 0.21, "random_deletion_auc": 0.4,
+                                     "insertion_auc": 0.7, "random_insertion_auc": 0.5,
+                                     "deletion_better_than_random": True,
+                                     "insertion_better_than_random": True, "n_images": 3}},
+        "localisation": {"gradcam": {"n_cases": 40, "pointing_hits": 33, "pointing_game": 0.825,
+                                     "mean_energy_in_mask": 0.31, "mean_mask_fraction": 0.015}},
         "notes": ["Maps explain the predicted class."],
     }
     kwargs.update(overrides)
@@ -119,6 +138,17 @@ def test_3d_overlay_shows_the_slice_with_most_attribution() -> None:
     assert png == overlay_png(vol[7], cam[7], title="vol — slice 8 of 10 (most attribution)")
     assert panel_png(vol[None], {"gradcam": cam[None]}, title="vol") == panel_png(
         vol[7], {"gradcam": cam[7]}, title="vol — slice 8 of 10 (most attribution)")
+
+
+def test_3d_montage_three_planes_and_mip() -> None:
+    vol = np.random.default_rng(0).random((12, 20, 24))
+    cam = _blob((12, 20, 24), (6, 10, 12), 3)
+    png = montage_png(vol, cam, title="V-1", mask=cam > 0.5, n_slices=4)
+    w, h = _png_size(png)
+    assert w > h > 300  # 3 plane rows x (4 slices + MIP) columns
+    assert montage_png(vol, cam, n_slices=2) != montage_png(vol, np.roll(cam, 5, axis=2), n_slices=2)
+    with pytest.raises(DataError, match=r"montage_png needs a \(D, H, W\) volume"):
+        montage_png(vol[0], cam[0])
 
 
 def test_display_map_is_magnitude_normalised() -> None:
@@ -172,14 +202,25 @@ def test_report_metrics_and_cases(tmp_path: Path) -> None:
         assert case_id in html
     correct, wrong = html.index("Correct predictions (2)"), html.index("Wrong predictions (1)")
     assert correct < html.index("V-0003") < wrong < html.index("C-0002")
-    assert "passed (Spearman rho 0.120; passes when |rho| &lt; 0.500)" in html
+    assert "correct, most confident" in html and "0.012" in html  # group badge, IG delta
+    verdicts = html[html.index('id="randomization-verdicts"'):]
+    verdicts = verdicts[: verdicts.index("</table>")]
+    assert "Grad-CAM" in verdicts and "passed" in verdicts
+    assert "Integrated Gradients" in verdicts and "FLAGGED" in verdicts and "maps barely change" in verdicts
+    assert "flagged: Integrated Gradients" in html
+    steps = html[html.index('id="randomization-steps"'):]
+    assert "1. classifier" in steps and "0.120 / 0.300" in steps and "0.910 / 0.850" in steps
+    assert "82%" in html and "33 / 40" in html  # localisation over all correct mask cases
+    faith = html[html.index('id="faithfulness"'):]
+    assert "0.210" in faith and "better" in faith
     assert "How to read this" in html and "not proof of causality" in html
     assert "Maps explain the predicted class." in html
 
 
 def test_report_official_split_metrics(tmp_path: Path) -> None:
     metrics = {"test": {"auc": {"value": 0.77, "ci95": [0.7, 0.83]}, "accuracy": 0.7}}
-    html = _write(tmp_path, metrics=metrics, plots={}, cases=[], sanity=None, notes=None)
+    html = _write(tmp_path, metrics=metrics, plots={}, cases=[], randomization=None,
+                  faithfulness=None, localisation=None, notes=None)
     assert "Official test split" in html and "0.770" in html and "0.700 – 0.830" in html
     assert 'id="metrics-folds"' not in html and "<img" not in html
     assert "Correct predictions (0)" in html
@@ -191,7 +232,7 @@ def test_report_withholds_paths_and_identifiers(tmp_path: Path) -> None:
                 Path("manifest.csv"), "source": "/srv/hospital/SMITH", "InstitutionName": "StX",
                 "inputs": ["/in/DOE.dcm"], "n_files": 7}
     case = dict(_cases()[1], path="/scans/DOE^JOHN.dcm", patient_id="MRN-99812",
-                sanity={"spearman": 0.2, "file": "/x/DOE.nii"})
+                mask_agreement={"gradcam": {"lift": 0.2, "file": "/x/DOE.nii"}})
     html = _write(tmp_path, run_info=run_info, cases=[case])
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html)  # only the markup
     for secret in ("DOE", "MRN-99812", "/srv/", "manifest.csv", "StX", "/scans", "/x/", "/in/"):

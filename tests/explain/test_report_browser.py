@@ -18,7 +18,8 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from medtl.explain.overlay import panel_png
+from medtl.explain._plots import faithfulness_plot, randomization_plot
+from medtl.explain.overlay import montage_png, panel_png
 from medtl.explain.report import write_report
 
 pytestmark = pytest.mark.browser
@@ -48,7 +49,8 @@ def chromium() -> str:
 
 @pytest.fixture
 def report(tmp_path: Path) -> Path:
-    """A small report: one plot, a 2D and a 3D case, k-fold metrics."""
+    """A small report: one plot, a 2D and a 3D case (panel + montage), k-fold metrics and the
+    trust checks with their two plots (one method flagged)."""
     fig = Figure(figsize=(3, 3), dpi=60)
     fig.subplots().plot([0, 0.3, 1], [0, 0.7, 1])
     fig.savefig(tmp_path / "roc.png", format="png")
@@ -61,16 +63,32 @@ def report(tmp_path: Path) -> Path:
         {"case_id": "C-0001", "label": "pos", "pred": "pos", "prob": 0.9, "correct": True,
          "fold": 0, "panel_png": panel_png(img, {"gradcam": cam, "ig": cam}, title="C-0001",
                                            mask=img > 0.6),
-         "sanity": {"spearman": 0.1, "passed": True}, "mask_agreement": None},
+         "group": "correct, most confident", "ig_delta": 0.01, "mask_agreement": None},
         {"case_id": "V-0002", "label": "pos", "pred": "neg", "prob": 0.4, "correct": False,
-         "fold": 1, "panel_png": panel_png(vol, {"gradcam": vcam}, title="V-0002")},
+         "fold": 1, "panel_png": panel_png(vol, {"gradcam": vcam}, title="V-0002"),
+         "extra_pngs": [("gradcam: three planes + MIP", montage_png(vol, vcam, n_slices=3))]},
     ]
+    steps = [{"randomized": name, "spearman": [r], "ssim": [r], "mean_abs_spearman": r, "mean_ssim": r}
+             for name, r in (("classifier", 0.3), ("blocks.6", 0.1))]
+    flat = [dict(s, spearman=[0.97], mean_abs_spearman=0.97) for s in steps]
+    randomization = {"gradcam": {"threshold": 0.5, "steps": steps, "passed": True, "verdict": "passed"},
+                     "ig": {"threshold": 0.5, "steps": flat, "passed": False, "verdict": "FAILED: no change"}}
+    curve = {"fractions": [0, 0.5, 1], "deletion": [0.9, 0.3, 0.1], "insertion": [0.2, 0.8, 0.9],
+             "random_deletion": [0.9, 0.7, 0.1], "random_insertion": [0.2, 0.4, 0.9]}
+    faith = {"gradcam": {"deletion_auc": 0.4, "random_deletion_auc": 0.6, "insertion_auc": 0.7,
+                         "random_insertion_auc": 0.5, "deletion_better_than_random": True,
+                         "insertion_better_than_random": True, "n_images": 1}}
+    local = {"gradcam": {"n_cases": 5, "pointing_hits": 4, "pointing_game": 0.8,
+                         "mean_energy_in_mask": 0.3, "mean_mask_fraction": 0.02}}
+    check_plots = {"Randomisation test": randomization_plot(randomization, 0.5),
+                   "Deletion and insertion curves": faithfulness_plot({"gradcam": [curve]})}
     metrics = {"folds": [{"fold": 0, "auc": 0.9}, {"fold": 1, "auc": 0.8}],
                "pooled": {"auc": {"value": 0.85, "ci95": [0.78, 0.91]}}}
     return write_report(tmp_path / "report.html", title=TITLE,
                         run_info={"config_name": "demo", "model": "tiny"}, metrics=metrics,
                         plots={"ROC curve": tmp_path / "roc.png"}, cases=cases,
-                        sanity={"method": "gradcam", "passed": True}, notes=["offline"])
+                        randomization=randomization, faithfulness=faith, localisation=local,
+                        check_plots=check_plots, notes=["offline"])
 
 
 def test_report_in_playwright(chromium: str, report: Path, tmp_path: Path) -> None:
@@ -93,12 +111,15 @@ def test_report_in_playwright(chromium: str, report: Path, tmp_path: Path) -> No
             assert page.title() == TITLE
             images = page.eval_on_selector_all(
                 "img", "els => els.map(i => [i.complete, i.naturalWidth, i.alt])")
-            assert len(images) == 3
+            assert len(images) == 6  # ROC, 2 check plots, 2D panel, 3D panel + montage
             assert all(done and width > 0 for done, width, _ in images), images
             assert page.locator("#metrics-pooled").is_visible()
             assert page.locator("#metrics-folds").is_visible()
             assert "0.780 – 0.910" in page.locator("#metrics-pooled").inner_text()
             assert page.get_by_text("V-0002", exact=True).is_visible()
+            assert page.locator("#randomization-verdicts").is_visible()
+            assert "FLAGGED" in page.locator("#randomization-verdicts").inner_text()
+            assert "80%" in page.locator("#localisation").inner_text()
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)
         finally:
@@ -107,6 +128,8 @@ def test_report_in_playwright(chromium: str, report: Path, tmp_path: Path) -> No
     assert not remote, remote
     with Image.open(shot) as im:
         assert im.size[0] == 1280 and im.size[1] > 900
+        grey = np.asarray(im.convert("L"), dtype=np.float32)
+        assert grey.std() > 20  # not blank: text, tables and images
 
 
 def test_report_in_chromium_cli(chromium: str, report: Path, tmp_path: Path) -> None:
