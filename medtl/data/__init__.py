@@ -28,7 +28,7 @@ def run_audit(source: str | Path, out_dir: str | Path, *, overrides: list[str] |
         cases = load_cases(cfg.data, cfg.resolved_data_path())
         reveal_ids = reveal_ids or cfg.privacy.reveal_ids
     else:
-        cases = read_manifest(source)
+        cases = read_manifest(source, allow_duplicates=True)  # duplicates are an audit finding, not a stop
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = audit_cases(cases, pseudonymize=Pseudonymizer.for_run(out, reveal=reveal_ids), progress=progress)

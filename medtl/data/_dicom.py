@@ -10,7 +10,10 @@ exception types (``AttributeError`` for "no Pixel Data" and for "missing Bits Al
 from __future__ import annotations
 
 import logging
+import re
+import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +22,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -33,7 +37,7 @@ from medtl.errors import UnreadableFileError
 
 __all__ = [
     "DicomPixels", "has_dicom_magic", "read_dataset", "decode_dataset", "dicom_meta",
-    "row_col_spacing", "frame_spacing", "quiet",
+    "row_col_spacing", "frame_spacing", "quiet", "describe_exception",
 ]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -124,15 +128,19 @@ def read_dataset(path: Path, *, stop_before_pixels: bool = False,
             raise UnreadableFileError(path, f"truncated file: the DICOM header ends early ({exc})") from None
         except OSError as exc:
             raise UnreadableFileError(path, f"cannot open the file: {exc.strerror or exc}") from None
+        except (zlib.error, struct.error, BytesLengthException) as exc:
+            raise UnreadableFileError(path, describe_exception(exc)) from None
         except (ValueError, KeyError, TypeError, NotImplementedError, UnicodeError) as exc:
-            raise UnreadableFileError(path, f"unparsable DICOM header: {type(exc).__name__}: {_short(exc)}") from None
+            raise UnreadableFileError(path, describe_exception(exc, "unparsable DICOM header")) from None
     if any("End of file reached" in m for m in messages):
         raise UnreadableFileError(path, "truncated file: it ends inside a data element "
                                         "(for images usually inside the Pixel Data)")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     short = _truncated_last_element(ds)
+    if short and ts == DeflatedExplicitVRLittleEndian:
+        short = "corrupt or truncated deflate-compressed data set: " + short.removeprefix("truncated file: ")
     if short:
         raise UnreadableFileError(path, short)
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None and UID(ts).is_compressed and any(m.startswith(_VR_MISMATCH) for m in messages):
         enc = "Implicit" if any(m.startswith(_VR_MISMATCH[0]) for m in messages) else "Explicit"
         raise UnreadableFileError(path, (
@@ -209,6 +217,10 @@ def decode_dataset(ds: Dataset, path: Path) -> DicomPixels:
         _int(ds, kw, path, default=0)
     if rows == 0 or cols == 0 or n_frames == 0:
         raise UnreadableFileError(path, f"empty image: Rows={rows}, Columns={cols}, NumberOfFrames={n_frames}")
+    if all(ds[kw].value in (None, b"", []) for kw in _PIXEL_KEYWORDS if kw in ds):
+        raise UnreadableFileError(path, (
+            f"empty Pixel Data element (0 bytes) although the header describes a {rows}x{cols} image: "
+            "the file was cut short or stripped"))
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
@@ -227,7 +239,14 @@ def decode_dataset(ds: Dataset, path: Path) -> DicomPixels:
             raise UnreadableFileError(path, _decoder_failure(ts, exc)) from None
         except ValueError as exc:
             raise UnreadableFileError(path, _value_error_reason(ts, exc)) from None
-        except (AttributeError, KeyError, TypeError, NotImplementedError, IndexError) as exc:
+        except AttributeError as exc:
+            if "Missing required element" in str(exc):
+                missing = str(exc).split("'")[-2] if str(exc).count("'") >= 2 else "a pixel description element"
+                raise UnreadableFileError(path, (
+                    f"Pixel Data is present but the elements that describe it are missing: {missing}; "
+                    "the file is not a usable image")) from None
+            raise UnreadableFileError(path, f"cannot decode the {ts.name} Pixel Data: {_short(exc)}") from None
+        except (KeyError, TypeError, NotImplementedError, IndexError) as exc:
             raise UnreadableFileError(path, f"cannot decode the {ts.name} Pixel Data: {_short(exc)}") from None
     photometric = str(info.get("photometric_interpretation", ds.PhotometricInterpretation)).strip()
     colour_last = int(info.get("samples_per_pixel", 1)) > 1
@@ -429,6 +448,38 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (float, np.floating)):
         return float(value)
     return str(value).strip()
+
+
+_QUOTED = re.compile(r"b?'[^']*'|b?\"[^\"]*\"")
+
+
+def describe_exception(exc: BaseException, fallback: str = "unexpected decoder error") -> str:
+    """A specific, value-free reason for an exception escaping pydicom's lazy parsing.
+
+    pydicom converts element values when they are first accessed, so a corrupt header can
+    raise almost anywhere. Messages that may quote element values (a name, a date) are
+    reduced to the tag and the kind of problem; unknown exceptions keep their type and
+    their message with quoted parts removed.
+    """
+    msg = str(exc)
+    tag = re.search(r"\(([0-9A-Fa-f]{4}),\s*([0-9A-Fa-f]{4})\)", msg)
+    where = f" in tag ({tag.group(1)},{tag.group(2)})" if tag else ""
+    if isinstance(exc, zlib.error):
+        return f"corrupt deflate-compressed data set (Deflated Explicit VR Little Endian): zlib {_short(exc, 120)}"
+    if isinstance(exc, BytesLengthException):
+        return ("invalid VR or value length: an element's byte length is not a multiple of the size of "
+                "its Value Representation (corrupt header)")
+    if isinstance(exc, NotImplementedError) and "Value Representation" in msg:
+        vr = re.search(r"Value Representation '([^']{0,12})'", msg)
+        return f"invalid VR: unknown Value Representation {vr.group(1)!r}{where}" if vr else f"invalid VR{where}"
+    if isinstance(exc, struct.error):
+        return "malformed DICOM header: a data element is shorter than its declared structure (corrupt or truncated file)"
+    if isinstance(exc, (ValueError, TypeError)) and "UID" in msg:
+        return ("invalid Transfer Syntax UID in the file meta header (0002,0010): not a known transfer "
+                "syntax; re-export the file with a complete file meta header")
+    if isinstance(exc, (ValueError, TypeError, OverflowError)) and tag:
+        return f"invalid header value{where}: {type(exc).__name__} while converting it (wrong VR or corrupt value)"
+    return f"{fallback}: {type(exc).__name__}: {_short(_QUOTED.sub('…', msg))}"
 
 
 def _short(exc: object, limit: int = 200) -> str:

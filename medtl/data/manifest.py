@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,12 +53,26 @@ MEDMNIST_CLASSES: dict[str, list[str]] = {
 }
 
 
-def read_manifest(path: str | Path, *, label_column: str = "label") -> list[Case]:
+def read_manifest(path: str | Path, *, label_column: str = "label", root: str | Path | None = None,
+                  allow_duplicates: bool = False) -> list[Case]:
     """Read a manifest CSV with columns ``path,label,patient_id`` (+ optional ``site``,
     ``mask``, ``split``). Relative paths resolve against the manifest's folder.
 
     Every problem in the file is collected and raised together as one :class:`DataError`
     that names the file, the row numbers and what to fix; nothing is silently dropped.
+
+    Args:
+        root: when given, every image and mask path must resolve (symlinks followed) to a
+            location inside this folder; rows pointing elsewhere (``../../etc``, absolute
+            paths) are errors.
+        allow_duplicates: keep rows that repeat an earlier row's image path (the audit
+            reports them); by default they are errors, because a file listed twice is
+            counted twice and, under two patient ids, leaks across folds.
+
+    Example:
+        >>> cases = read_manifest("data/manifest.csv", root="data")   # doctest: +SKIP
+        >>> cases[0].case_id, cases[0].label                          # doctest: +SKIP
+        ('row00002', 'contrast')
     """
     path = Path(path)
     if not path.is_file():
@@ -81,6 +96,8 @@ def read_manifest(path: str | Path, *, label_column: str = "label") -> list[Case
     problems: list[str] = []
     cases: list[Case] = []
     base = path.parent
+    root_dir = Path(root).expanduser().resolve() if root is not None else None
+    first_row: dict[str, int] = {}
     for i, row in enumerate(rows):
         line = i + 2  # 1-based, after the header
         row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in row.items()}
@@ -99,6 +116,15 @@ def read_manifest(path: str | Path, *, label_column: str = "label") -> list[Case
         mask = row.get("mask") or None
         if mask and not Path(mask).is_absolute():
             mask = str(base / mask)
+        outside = [str(q) for q in (p, mask) if q and root_dir is not None and not _inside(q, root_dir)]
+        if outside:
+            problems.append(f"row {line}: path '{outside[0]}' is outside the data root '{root_dir}'")
+            continue
+        key = str(Path(os.path.normpath(p)))
+        if key in first_row and not allow_duplicates:
+            problems.append(f"row {line}: path '{row['path']}' is already listed in row {first_row[key]}")
+            continue
+        first_row.setdefault(key, line)
         split = (row.get("split") or "").lower() or None
         if split is not None and split not in ("train", "val", "test"):
             problems.append(f"row {line}: split '{row['split']}' is not one of train, val, test")
@@ -180,6 +206,7 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_col
     from medtl.data.readers import read_dicom_patient_id
 
     problems, cases = [], []
+    seen: dict[str, int] = {}
     for i, row in enumerate(rows):
         line = i + 2
         fname, label = (row.get(file_column) or "").strip(), (row.get(label_column) or "").strip()
@@ -187,6 +214,10 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_col
             problems.append(f"row {line}: empty {file_column if not fname else label_column}")
             continue
         path = folder / fname
+        if fname in seen:
+            problems.append(f"row {line}: file '{fname}' is already listed in row {seen[fname]}")
+            continue
+        seen[fname] = line
         if not path.exists():
             problems.append(f"row {line}: file '{fname}' not found in {folder}")
             continue
@@ -208,6 +239,11 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_col
     if not cases:
         raise DataError(f"Label CSV '{labels_csv}' has no rows.")
     return cases
+
+
+def _inside(path: str | Path, root: Path) -> bool:
+    """True when ``path`` (symlinks resolved) lies in ``root`` (already resolved)."""
+    return Path(path).resolve().is_relative_to(root)
 
 
 def _listing(problems: list[str], limit: int = 20) -> str:

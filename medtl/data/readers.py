@@ -73,8 +73,8 @@ def read_image(path: str | Path) -> ScanImage:
         return _dispatch(path)
     except (UnreadableFileError, MemoryError):
         raise
-    except Exception as exc:  # noqa: BLE001 - last resort; known failures get specific reasons above
-        raise UnreadableFileError(path, f"unexpected decoder error: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - last resort: pydicom parses lazily, so errors surface anywhere
+        raise UnreadableFileError(path, _dicom.describe_exception(exc)) from exc
 
 
 def _dispatch(path: Path) -> ScanImage:
@@ -83,6 +83,8 @@ def _dispatch(path: Path) -> ScanImage:
             return _read_dicom_series(path)
     if not path.exists():
         raise UnreadableFileError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise UnreadableFileError(path, "empty file (0 bytes): the export or copy did not finish")
     name = path.name.lower()
     if name.endswith(_NIFTI_SUFFIXES):
         return _read_nifti(path)
@@ -122,7 +124,10 @@ def read_dicom_patient_id(path: str | Path) -> str | None:
             if path.is_dir() and exc.reason.startswith("not a DICOM file"):
                 continue
             raise UnreadableFileError(path, exc.reason if file == path else f"{file.name}: {exc.reason}") from None
-        value = str(ds.get("PatientID") or "").strip()
+        try:
+            value = str(ds.get("PatientID") or "").strip()
+        except Exception as exc:  # noqa: BLE001 - lazy value conversion of a corrupt header
+            raise UnreadableFileError(path, _dicom.describe_exception(exc)) from None
         if value:
             ids.append(value)
     distinct = Counter(ids)
@@ -279,6 +284,7 @@ def _sort_slices(folder: Path, instances: list[tuple[Path, Any]]) -> tuple[list[
             raise UnreadableFileError(folder, (
                 f"{n_dup + 1} or more slices share the same position (several acquisitions, echoes "
                 "or time points in one series?); put each acquisition in its own folder"))
+        _check_even_steps(folder, steps)
         return [instances[i] for i in order], float(np.median(steps)), "ImagePositionPatient"
     fallback = _dicom.frame_spacing(instances[0][1])
     numbers = [_safe_int(ds.get("InstanceNumber"), -1) for _, ds in instances]
@@ -286,6 +292,38 @@ def _sort_slices(folder: Path, instances: list[tuple[Path, Any]]) -> tuple[list[
         order = np.argsort(numbers, kind="stable")
         return [instances[i] for i in order], fallback, "InstanceNumber"
     return list(instances), fallback, "file name"
+
+
+# Slice steps may jitter by this much (rounding in exported positions) and still count as even.
+_STEP_TOLERANCE_MM, _STEP_TOLERANCE_REL = 0.01, 0.02
+
+
+def _check_even_steps(folder: Path, steps: np.ndarray) -> None:
+    """Refuse a series whose slices are not evenly spaced along the normal.
+
+    ``steps`` are the sorted slice-to-slice distances (mm). A step that is a whole multiple
+    (>= 2) of the usual one means missing slices; any other spread means an inconsistent
+    spacing that would distort the volume when stacked on a regular grid.
+    """
+    if len(steps) < 2:
+        return
+    usual = float(steps.min())  # with missing slices the smallest step is the true spacing
+    tol = max(_STEP_TOLERANCE_MM, _STEP_TOLERANCE_REL * usual)
+    odd = np.abs(steps - usual) > tol
+    if not odd.any():
+        return
+    ratios = steps[odd] / usual
+    gaps = np.abs(ratios - np.round(ratios)) * usual <= tol
+    if (gaps & (np.round(ratios) >= 2)).all():
+        n_missing = int(np.round(ratios).sum() - len(ratios))
+        where = ", ".join(str(int(i) + 1) for i in np.flatnonzero(odd)[:5])
+        raise UnreadableFileError(folder, (
+            f"missing slices: {n_missing} slice(s) absent from a series spaced {usual:.3g} mm (gap after "
+            f"sorted slice {where}); export the complete series or pass its slices as 2D images"))
+    raise UnreadableFileError(folder, (
+        f"inconsistent slice spacing: steps between slices range from {steps.min():.3g} to "
+        f"{steps.max():.3g} mm (usual {usual:.3g} mm, {int(odd.sum())} of {len(steps)} steps differ); "
+        "resample the series to even spacing or put each part in its own folder"))
 
 
 # --------------------------------------------------------------------------- NIfTI

@@ -2,70 +2,259 @@
 
 Loading rebuilds the network from the stored weight record without fetching pretrained
 weights again, so a checkpoint is usable offline and on another machine.
+
+Crash safety: every file is written to a temporary name in the same folder, flushed to
+disk and moved into place with :func:`os.replace` (atomic on POSIX and Windows), so a run
+killed at any moment leaves either the old file or the new one, never half of one.
+``meta.json`` stores the sha256 of ``model.safetensors``; :func:`load_checkpoint` and
+:func:`verify_checkpoint` recompute it and raise :class:`CorruptCheckpointError` on a
+truncated, corrupt or mismatched file, so a resuming run can retrain that fold instead.
+
+Example:
+    >>> atomic_write_text("runs/cv/metrics.json", json.dumps(metrics))   # doctest: +SKIP
+    >>> save_checkpoint(model, "runs/cv/checkpoints/fold0", {"class_names": ["a", "b"]})  # doctest: +SKIP
+    >>> verify_checkpoint("runs/cv/checkpoints/fold0")["model_sha256"][:8]  # doctest: +SKIP
+    '3fa81c02'
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import tempfile
 from pathlib import Path
-
-from safetensors.torch import load_file, save_file
 
 from medtl.errors import MedtlError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_meta"]
+__all__ = [
+    "CorruptCheckpointError", "atomic_write_bytes", "atomic_write_text", "save_checkpoint",
+    "load_checkpoint", "read_meta", "verify_checkpoint", "sha256_file",
+]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class CorruptCheckpointError(MedtlError):
+    """A checkpoint folder is incomplete, truncated or does not match its recorded sha256.
+
+    Attributes:
+        folder: the checkpoint folder.
+        reason: what is wrong, e.g. ``"model.safetensors sha256 mismatch"``.
+    """
+
+    def __init__(self, folder: str | Path, reason: str) -> None:
+        self.folder = str(folder)
+        self.reason = reason
+        super().__init__(f"Checkpoint '{self.folder}' is unusable: {reason}. Delete the folder and "
+                         "rerun (a resumed `medtl cv` retrains that fold).")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
+
+    Readers see either the previous content or the complete new content, never a partial
+    file, even when the process is killed (SIGKILL) mid-write. Parent folders are created.
+
+    Example:
+        >>> atomic_write_bytes("runs/x/predictions.csv", b"id,label\\n")   # doctest: +SKIP
+        PosixPath('runs/x/predictions.csv')
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+    """:func:`atomic_write_bytes` for text (``encoding`` default UTF-8).
+
+    Example:
+        >>> atomic_write_text("runs/x/metrics.json", "{}")   # doctest: +SKIP
+        PosixPath('runs/x/metrics.json')
+    """
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(model, folder: str | Path, meta: dict) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/meta.json``; returns the folder.
 
     ``meta`` should hold ``class_names``, ``data`` (intensity/image size), ``config_hash``
-    and anything else useful; the weight record is added from ``model.weights_record``.
-    The weights are written to a temporary name first so a killed run never leaves a
-    half-written checkpoint behind.
+    and anything else useful; the weight record, the channel mapping and the sha256 of the
+    weights file (``model_sha256``) are added. Both files are written atomically, weights
+    first and ``meta.json`` last, so a checkpoint whose ``meta.json`` names the sha256 of
+    its weights is complete.
     """
+    from safetensors.torch import save
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / "model.safetensors.part"
-    save_file(state, str(tmp))
+    blob = save(state)
     meta = dict(meta)
     meta["weights_record"] = model.weights_record.to_dict()
     meta.setdefault("channel_mapping", model.channel_mapping)
     meta.setdefault("in_chans", model.in_chans)
     meta.setdefault("num_classes", model.num_classes)
-    (folder / "meta.json.part").write_text(json.dumps(meta, indent=2, default=str))
-    tmp.replace(folder / "model.safetensors")
-    (folder / "meta.json.part").replace(folder / "meta.json")
+    meta["model_sha256"] = hashlib.sha256(blob).hexdigest()
+    meta["model_bytes"] = len(blob)
+    atomic_write_bytes(folder / WEIGHTS_FILE, blob)
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2, default=str))
     return folder
 
 
 def read_meta(folder: str | Path) -> dict:
-    path = Path(folder) / "meta.json"
+    """``meta.json`` of a checkpoint folder as a dict.
+
+    Raises:
+        MedtlError: no ``meta.json`` (the run did not finish this checkpoint).
+        CorruptCheckpointError: ``meta.json`` is not valid JSON.
+    """
+    path = Path(folder) / META_FILE
     if not path.is_file():
         raise MedtlError(f"No checkpoint at '{folder}' (meta.json missing). Was the run finished?")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(folder, f"meta.json is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CorruptCheckpointError(folder, "meta.json does not hold a JSON object")
+    return meta
 
 
-def load_checkpoint(folder: str | Path):
-    """Rebuild the model saved in ``folder``; returns ``(model, meta)``."""
+def verify_checkpoint(folder: str | Path) -> dict:
+    """Check that ``folder`` holds a complete checkpoint whose weights match ``meta.json``.
+
+    Returns the meta dict. Checkpoints written before sha256s were recorded pass with a
+    logged warning (only their presence is checked).
+
+    Raises:
+        CorruptCheckpointError: meta.json or model.safetensors missing, unreadable, of the
+            wrong size or with a different sha256 than recorded.
+
+    Example:
+        >>> try:                                                   # doctest: +SKIP
+        ...     verify_checkpoint(ckpt)
+        ... except CorruptCheckpointError:
+        ...     retrain_fold()
+    """
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file():
+        raise CorruptCheckpointError(folder, "meta.json is missing (the run stopped before finishing it)")
+    meta = read_meta(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CorruptCheckpointError(folder, "model.safetensors is missing")
+    expected = meta.get("model_sha256")
+    if expected is None:
+        log.warning("checkpoint %s records no sha256 (written by an older medtl); not verified", folder)
+        return meta
+    size = weights.stat().st_size
+    if meta.get("model_bytes") not in (None, size):
+        raise CorruptCheckpointError(folder, (
+            f"model.safetensors has {size} bytes but {meta['model_bytes']} were written "
+            "(truncated or replaced)"))
+    actual = sha256_file(weights)
+    if actual != expected:
+        raise CorruptCheckpointError(folder, (
+            f"model.safetensors sha256 mismatch (recorded {expected[:12]}…, file {actual[:12]}…): "
+            "the file is corrupt or from another run"))
+    return meta
+
+
+def load_checkpoint(folder: str | Path, *, verify: bool = True):
+    """Rebuild the model saved in ``folder``; returns ``(model, meta)`` with the model in eval mode.
+
+    With ``verify`` (default) the weights' sha256 is checked first (:func:`verify_checkpoint`).
+
+    Raises:
+        CorruptCheckpointError: incomplete, truncated or corrupt checkpoint.
+
+    Example:
+        >>> model, meta = load_checkpoint("runs/cv/checkpoints/fold0")   # doctest: +SKIP
+        >>> meta["class_names"]                                        # doctest: +SKIP
+        ['lesion', 'normal']
+    """
     import dataclasses
+
+    import timm
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     from medtl.models.encoders import MedtlClassifier
     from medtl.models.records import WeightRecord
 
-    meta = read_meta(folder)
-    rec_dict = dict(meta["weights_record"])
-    for k in ("mean", "std", "input_size", "tags"):
-        rec_dict[k] = tuple(rec_dict[k])
-    record = WeightRecord(**rec_dict)
-    import timm
+    meta = verify_checkpoint(folder) if verify else read_meta(folder)
+    try:
+        rec_dict = dict(meta["weights_record"])
+        for k in ("mean", "std", "input_size", "tags"):
+            rec_dict[k] = tuple(rec_dict[k])
+        record = WeightRecord(**rec_dict)
+        mapping = meta["channel_mapping"]
+        in_chans = int(meta["in_chans"])
+        num_classes = int(meta["num_classes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptCheckpointError(folder, f"meta.json lacks or garbles a field ({type(exc).__name__}: {exc})") from None
+    build = meta.get("build")
+    if build:  # written by the run drivers: rebuild exactly as trained (3D conversion, layouts, ...)
+        from medtl.models.encoders import create_encoder
 
-    mapping = meta["channel_mapping"]
-    in_chans = int(meta["in_chans"])
-    net_chans = record.in_chans if mapping == "repeat" else in_chans
-    net = timm.create_model(record.architecture, pretrained=False, num_classes=int(meta["num_classes"]),
-                            in_chans=net_chans)
-    model = MedtlClassifier(net, dataclasses.replace(record), in_chans=in_chans, channel_mapping=mapping)
-    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=True)
+        try:
+            model = create_encoder(build["name"], pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                   spatial_dims=int(build.get("spatial_dims", 2)), channel_mapping=mapping,
+                                   drop_rate=float(build.get("drop_rate", 0.0)),
+                                   conversion_3d=build.get("conversion_3d", "inflate"), depth=build.get("depth"))
+        except MedtlError as exc:
+            raise CorruptCheckpointError(folder, f"cannot rebuild the network from meta.json ({exc})") from None
+    else:  # older checkpoints: a 2D timm network described by its weight record
+        net_chans = record.in_chans if mapping == "repeat" else in_chans
+        net = timm.create_model(record.architecture, pretrained=False, num_classes=num_classes, in_chans=net_chans)
+        model = MedtlClassifier(net, dataclasses.replace(record), in_chans=in_chans, channel_mapping=mapping)
+    try:
+        state = load_file(str(Path(folder) / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptCheckpointError(folder, f"model.safetensors cannot be read ({exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CorruptCheckpointError(folder, f"weights do not fit {record.architecture}: {str(exc)[:300]}") from None
     return model.eval(), meta
