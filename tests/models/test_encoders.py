@@ -174,7 +174,7 @@ def test_2d_weights_on_3d_data_delegate_to_convert_to_3d(monkeypatch):
     import medtl.models.inflate as inflate
 
     calls = []
-    monkeypatch.setattr(inflate, "convert_to_3d", lambda m, method: calls.append((m, method)) or "3d")
+    monkeypatch.setattr(inflate, "convert_to_3d", lambda m, method, depth=None: calls.append((m, method)) or "3d")
     out = create_encoder("tf_efficientnet_lite0", pretrained=False, spatial_dims=3, in_chans=1, num_classes=4,
                          conversion_3d="acs")
     assert out == "3d" and calls[0][1] == "acs"
