@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medtl.models._head import PooledLinearHead
+
 __all__ = ["KerasResNet50"]
 
 _EPS, _MOMENTUM = 1.001e-5, 0.01
@@ -61,7 +63,7 @@ class _Bottleneck(nn.Module):
         return self.relu(self.bn3(self.conv3(out)) + identity)
 
 
-class KerasResNet50(nn.Module):
+class KerasResNet50(PooledLinearHead, nn.Module):
     """Keras-faithful ResNet50 with medtl's encoder contract.
 
     Args:
@@ -96,18 +98,6 @@ class KerasResNet50(nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x).flatten(1)
-        if self.drop_rate:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+    @property
+    def head_pool(self) -> nn.Module:
+        return self.global_pool

@@ -38,6 +38,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from medtl.models._head import PooledLinearHead
+
 from medtl.models.records import WeightRecord, register
 
 __all__ = ["DEPTHS", "MedicalNetResNet", "build_medicalnet"]
@@ -54,7 +56,7 @@ def _monai_resnet():
     return ResNet
 
 
-class MedicalNetResNet(nn.Module):
+class MedicalNetResNet(PooledLinearHead, nn.Module):
     """MONAI's 3D ResNet with MedicalNet's settings behind medtl's encoder contract.
 
     Tensor names are MONAI's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``downsample.0``,
@@ -86,21 +88,9 @@ class MedicalNetResNet(nn.Module):
         x = self.maxpool(self.act(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.avgpool(x).flatten(1)
-        if self.drop_rate:
-            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+    @property
+    def head_pool(self) -> nn.Module:
+        return self.avgpool
 
 
 def build_medicalnet(record: WeightRecord, *, num_classes: int, in_chans: int, drop_rate: float) -> MedicalNetResNet:
