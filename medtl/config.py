@@ -168,6 +168,11 @@ class DomainAdaptConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
+    """``backend: torch`` augments whole batches on the training device (:mod:`medtl.data.batch_augment`);
+    ``monai`` runs the per-image MONAI preset (:func:`medtl.data.transforms.augment_transform`) on the host.
+    Both draw the same transform families with the same probabilities and ranges."""
+
+    backend: Literal["torch", "monai"] = "torch"
     flip: bool = True
     vertical_flip: bool = False
     affine: bool = True
@@ -192,6 +197,8 @@ class TrainConfig(_Strict):
     num_threads: int | None = None
     seed: int = 0
     tta: bool = True
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile mode for the training forward; reduce-overhead uses CUDA graphs")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
 

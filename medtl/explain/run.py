@@ -40,6 +40,7 @@ from medtl.explain.overlay import montage_png, panel_png
 from medtl.explain.report import write_report
 from medtl.explain.sanity import RANDOMIZATION_THRESHOLD, mask_agreement, randomization_check
 from medtl.train.checkpoint import load_checkpoint
+from medtl.train.fastpath import batches
 
 __all__ = ["explain_run", "select_cases"]
 
@@ -195,8 +196,10 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
 def _batched(model, x, target, method, ex, deltas: dict, ids: list[str], kw: dict) -> np.ndarray:
     """Maps ``(N, *spatial)`` for one method, ``ex.batch_size`` images per call; IG deltas kept."""
     out = []
-    for lo in range(0, len(x), ex.batch_size):
-        xb, tb = x[lo: lo + ex.batch_size], target[lo: lo + ex.batch_size]
+    device = next(model.parameters()).device
+    # the training fast path: the images held once on the model's device, channels_last batches
+    for lo, xb in zip(range(0, len(x), ex.batch_size), batches(x, ex.batch_size, device)):
+        tb = target[lo: lo + ex.batch_size]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # reported once, below
             m, d = explain(model, xb, tb, method, return_delta=True, **kw)

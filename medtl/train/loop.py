@@ -1,8 +1,13 @@
-"""The training loop: AdamW, cosine/one-cycle schedule, AMP on CUDA, best-by-validation.
+"""The training loop: AdamW, cosine/one-cycle schedule, bf16 on CUDA, best-by-validation.
 
-Inputs are cached arrays from :mod:`medtl.data.prepare` (``(N, 1, H, W)`` in [0, 1]);
-augmentation runs per batch through MONAI transforms seeded from the config, so a run is
-reproducible: the same config, data and seed give the same weights on the same device.
+Inputs are cached arrays from :mod:`medtl.data.prepare` (``(N, C, *S)`` in [0, 1]). The fast
+path (:mod:`medtl.train.fastpath`) holds them once as a compact tensor on the training device;
+each step indexes a batch, augments it there in one go (:class:`medtl.data.batch_augment.BatchAugment`;
+``train.augment.backend=monai`` runs the per-image MONAI preset on the host instead), and runs
+in ``channels_last`` (2D) under bf16 autocast on CUDA, optionally ``torch.compile``d. The loss
+is summed on the device and read once per epoch, so the host never waits for the device
+mid-epoch. Augmentation is seeded from the config: the same config, data and seed give the same
+weights on the same device.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import contextlib
 import copy
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,9 +27,11 @@ from torch import nn
 from medtl.adapt.domain import DomainObjective, DomainSetup, adabn, collapse_dsbn, convert_dsbn, domain_context
 from medtl.adapt.strategies import make_strategy
 from medtl.config import DomainAdaptConfig, TrainConfig
+from medtl.data.batch_augment import BatchAugment
 from medtl.data.transforms import augment_transform
 from medtl.errors import ConfigError
 from medtl.train import distributed
+from medtl.train.fastpath import Resident, autocast, batches, memory_format, resident
 
 __all__ = ["FitResult", "fit", "predict_proba", "resolve_device", "seed_everything"]
 
@@ -36,7 +44,9 @@ class FitResult:
         model: the model with the best validation weights loaded.
         best_epoch: 1-based epoch of the best validation score.
         best_score: that score (higher is better; ``-loss`` for ``select_metric=loss``).
-        history: per-epoch dicts ``{"epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr"}``.
+        history: per-epoch dicts ``{"epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr",
+            "train_seconds", "train_images_per_s"}`` (the last two time the training steps alone,
+            without validation).
     """
 
     model: nn.Module
@@ -82,42 +92,55 @@ def _schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _augment_batch(aug, xb: np.ndarray) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(np.asarray(aug(x)), dtype=torch.float32) for x in xb])
+class _MonaiAugment:
+    """``train.augment.backend=monai``: the per-image MONAI preset on the host, then to the device."""
+
+    def __init__(self, cfg, image_size, seed: int) -> None:
+        self.t = augment_transform(cfg, image_size)
+        self.t.set_random_state(seed=seed)
+
+    def __call__(self, xb: torch.Tensor) -> torch.Tensor:
+        host = xb.cpu().numpy()
+        out = torch.stack([torch.as_tensor(np.asarray(self.t(x)), dtype=torch.float32) for x in host])
+        return out.to(xb.device, non_blocking=True)
 
 
-def _memory_format(x: torch.Tensor) -> torch.Tensor:
-    """channels_last for 2D batches: oneDNN/cuDNN run depthwise convs several times faster in it."""
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+def _augmenter(cfg: TrainConfig, image_size: tuple[int, ...]):
+    if cfg.augment.backend == "monai":
+        return _MonaiAugment(cfg.augment, image_size, cfg.seed)
+    return BatchAugment(cfg.augment, spatial_dims=len(image_size), seed=cfg.seed)
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: np.ndarray, *, batch_size: int = 64, device: torch.device | None = None,
-                  tta: bool = False, domains: np.ndarray | None = None) -> np.ndarray:
-    """Class probabilities ``(N, K)`` for cached images ``(N, C, *S)``.
+def predict_proba(model: nn.Module, images: np.ndarray | Resident, *, batch_size: int = 64,
+                  device: torch.device | None = None, tta: bool = False,
+                  domains: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities ``(N, K)`` for cached images ``(N, C, *S)`` (or a :class:`Resident`).
 
     With ``tta`` the prediction is averaged with the left-right flipped image. ``domains``
     ``(N,)`` gives each image's domain index for a model with domain-specific BatchNorm
     (:func:`medtl.adapt.domain.convert_dsbn`); a model returned by :func:`fit` never needs it.
+    Probabilities stay on the device until the end: one copy to the host per call.
     """
     device = device or next(model.parameters()).device
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
-        xb = _memory_format(torch.as_tensor(images[i: i + batch_size], dtype=torch.float32, device=device))
-        ctx = domain_context(model, domains[i: i + batch_size]) if domains is not None else contextlib.nullcontext()
-        with _autocast(device), ctx:
+    for i, xb in enumerate(batches(images, batch_size, device)):
+        lo = i * batch_size
+        ctx = domain_context(model, domains[lo: lo + batch_size]) if domains is not None else contextlib.nullcontext()
+        with autocast(device), ctx:
             p = model(xb).float().softmax(-1)
             if tta:
                 p = 0.5 * (p + model(torch.flip(xb, dims=(-1,))).float().softmax(-1))
-        out.append(p.cpu().numpy())
-    return np.concatenate(out).astype(np.float64)
+        out.append(p)
+    return torch.cat(out).cpu().numpy().astype(np.float64)
 
 
-def _autocast(device: torch.device, enabled: bool = True):
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    return torch.autocast("cpu", enabled=False)
+def _compiled(model: nn.Module, mode: str) -> nn.Module:
+    """``train.compile``: the training forward through ``torch.compile`` (``reduce-overhead``: CUDA graphs)."""
+    if mode == "off":
+        return model
+    return torch.compile(model, mode=mode)
 
 
 def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -178,8 +201,11 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     objective.to(device)
     if x_train.ndim == 4:
         model.to(memory_format=torch.channels_last)
-    aug = augment_transform(cfg.augment, x_train.shape[2:])
-    aug.set_random_state(seed=cfg.seed)
+    aug = _augmenter(cfg, tuple(x_train.shape[2:]))
+    # the fast path: the data held once as a compact tensor on the device, batches are indices
+    data = resident(x_train, device)
+    val_data = resident(x_val, device)
+    target_data = resident(x_target, device) if x_target is not None and len(x_target) else None
     weight = None
     if cfg.class_weighted:
         counts = np.bincount(y_train, minlength=num_classes).astype(np.float64)
@@ -194,6 +220,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     # data parallel under torchrun: every rank draws the same global batch and trains on its share
     train_model = distributed.wrap(model, device)
+    step_model = _compiled(train_model, cfg.compile)
     bs = min(cfg.batch_size, len(x_train))
     steps = max(1, len(x_train) // bs)  # drop the last partial batch (BatchNorm needs > 1 sample)
     sched = _schedule(opt, cfg, steps)
@@ -211,22 +238,24 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         objective.train()
         strategy.on_epoch_start(model, epoch)
         order = gen.permutation(len(x_train))
-        losses = []
+        y_order = torch.as_tensor(y_train[order], dtype=torch.long).to(device, non_blocking=True)
+        loss_sum = torch.zeros((), device=device)
+        t0 = time.perf_counter()
         for s in range(steps):
             idx = order[s * bs:(s + 1) * bs]
-            xb = _memory_format(_augment_batch(aug, x_train[idx]).to(device, non_blocking=True))
-            yb = torch.as_tensor(y_train[idx], device=device)
-            with _autocast(device, use_amp):
+            xb = memory_format(aug(data.take(idx)))
+            yb = y_order[s * bs:(s + 1) * bs]
+            with autocast(device, use_amp):
                 if distributed.is_distributed():
                     n_global = len(xb)
                     xb, yb = distributed.local_share(xb, yb)
                     # DDP averages rank gradients; weighting by share size makes that the global mean
-                    loss = criterion(train_model(xb).float(), yb) * (len(xb) * distributed.world_size() / n_global)
+                    loss = criterion(step_model(xb).float(), yb) * (len(xb) * distributed.world_size() / n_global)
                 elif not objective.uses_target:
-                    loss = criterion(model(xb).float(), yb)
+                    loss = criterion(step_model(xb).float(), yb)
                 else:
-                    tidx = tgen.choice(len(x_target), bt, replace=False)
-                    xt = _memory_format(_augment_batch(aug, x_target[tidx]).to(device, non_blocking=True))
+                    tidx = tgen.choice(len(target_data), bt, replace=False)
+                    xt = memory_format(aug(target_data.take(tidx)))
                     loss = _adapted_loss(model, objective, criterion, xb, yb, xt, da.train_domains[idx],
                                          ((epoch - 1) * steps + s) / (cfg.epochs * steps), da)
             opt.zero_grad(set_to_none=True)
@@ -234,11 +263,14 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             scaler.step(opt)
             scaler.update()
             sched.step()
-            losses.append(float(loss.detach()))
-            if task is not None:
-                progress.update(task, advance=1, description=f"{description} epoch {epoch}/{cfg.epochs} "
-                                                         f"loss {np.mean(losses):.3f}")
-        proba = predict_proba(model, x_val, batch_size=max(bs, 64), device=device, tta=cfg.tta,
+            loss_sum += loss.detach()
+            if task is not None:  # no loss in the bar mid-epoch: reading it would make the host wait
+                progress.update(task, advance=1, description=f"{description} epoch {epoch}/{cfg.epochs}")
+        train_loss = float(loss_sum) / steps  # the one host sync of the epoch
+        train_seconds = time.perf_counter() - t0
+        if task is not None:
+            progress.update(task, description=f"{description} epoch {epoch}/{cfg.epochs} loss {train_loss:.3f}")
+        proba = predict_proba(model, val_data, batch_size=max(bs, 64), device=device, tta=cfg.tta,
                               domains=da.val_domains if da.method == "dsbn" else None)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(proba).clamp_min(1e-8)),
                                                 torch.as_tensor(y_val)).item())
@@ -247,8 +279,9 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         m = compute_metrics(y_val, proba)  # once per epoch: history and selection share it
         score = -val_loss if cfg.select_metric == "loss" else m[cfg.select_metric]
         score = -math.inf if math.isnan(score) else score
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-                        "val_auc": m["auc"], "val_acc": m["acc"], "lr": max(g["lr"] for g in opt.param_groups)})
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_auc": m["auc"], "val_acc": m["acc"], "lr": max(g["lr"] for g in opt.param_groups),
+                        "train_seconds": train_seconds, "train_images_per_s": steps * bs / train_seconds})
         if score > best[0] or best[2] is None:  # an undefined score (e.g. one-class val) keeps epoch 1
             best = (score, epoch, copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}))
     if task is not None:
