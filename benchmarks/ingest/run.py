@@ -6,8 +6,10 @@
 slope/intercept to float32 HU; nibabel ``load`` + ``get_fdata(dtype=float32)``. medtl's
 ``read_image`` additionally validates the header (pixel data present, syntax decodable, frame
 count, spacing, orientation), applies the rescale and returns spacing/metadata without any
-identifying tag. Each reader decodes every file ``--repeat`` times; the best of the repeats is
-kept (file cache warm for both). Overhead = medtl time / raw time - 1.
+identifying tag. Both readers decode exactly the same files; the repeats alternate raw and medtl
+(so CPU contention hits both alike) and the best of ``--repeat`` passes is kept for each (file
+cache warm for both). Overhead = medtl time / raw time - 1. results.json/md also record the CPU
+model and the torch / numpy / pydicom / nibabel versions.
 """
 
 from __future__ import annotations
@@ -45,14 +47,35 @@ def medtl_read(path: Path) -> np.ndarray:
     return read_image(path).array
 
 
-def best_time(fn, files: list[Path], repeat: int) -> float:
-    best = float("inf")
+def best_times(fns: list, files: list[Path], repeat: int) -> list[float]:
+    """Best wall time of one pass over ``files`` per function, passes interleaved."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for f in files:
-            fn(f)
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            for f in files:
+                fn(f)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    import nibabel
+    import pydicom
+    import torch
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+            "pydicom": pydicom.__version__, "nibabel": nibabel.__version__}
 
 
 def main() -> None:
@@ -72,15 +95,18 @@ def main() -> None:
     rows = []
     for name, files, raw in (("CT DICOM (100 slices, 512x512)", dicom, raw_dicom),
                              ("NIfTI samples", nifti, raw_nifti)):
-        t_raw = best_time(raw, files, args.repeat)
-        t_med = best_time(medtl_read, files, args.repeat)
+        t_raw, t_med = best_times([raw, medtl_read], files, args.repeat)
         rows.append({"set": name, "files": len(files), "raw_s": t_raw, "medtl_s": t_med,
                      "raw_files_per_s": len(files) / t_raw, "medtl_files_per_s": len(files) / t_med,
                      "overhead_pct": 100 * (t_med / t_raw - 1)})
     device = f"CPU {platform.machine()}, {os.cpu_count()} cores (torch threads 2)"
+    cpu, vers = cpu_model(), versions()
     out = Path(__file__).parent
-    (out / "results.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
-    md = [f"Device: **{device}**; `python benchmarks/ingest/run.py --repeat {args.repeat}` (best of {args.repeat}).", "",
+    (out / "results.json").write_text(json.dumps({"device": device, "cpu": cpu, "versions": vers,
+                                                  "repeat": args.repeat, "rows": rows}, indent=2))
+    md = [f"Device: **{device}**, {cpu}; `python benchmarks/ingest/run.py --repeat {args.repeat}` "
+          f"(best of {args.repeat}, raw and medtl passes interleaved).", "",
+          "Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".", "",
           "| set | files | raw decode (files/s) | medtl read_image (files/s) | overhead |", "|---|---|---|---|---|"]
     md += [f"| {r['set']} | {r['files']} | {r['raw_files_per_s']:.0f} | {r['medtl_files_per_s']:.0f} | "
            f"{r['overhead_pct']:+.1f} % |" for r in rows]

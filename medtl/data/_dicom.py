@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
@@ -37,7 +39,7 @@ from medtl.errors import UnreadableFileError
 
 __all__ = [
     "DicomPixels", "has_dicom_magic", "read_dataset", "decode_dataset", "dicom_meta",
-    "row_col_spacing", "frame_spacing", "quiet", "describe_exception",
+    "row_col_spacing", "frame_spacing", "quiet", "describe_exception", "header_value",
 ]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -153,8 +155,9 @@ def read_dataset(path: Path, *, stop_before_pixels: bool = False,
 def _truncated_last_element(ds: Dataset) -> str | None:
     """pydicom keeps a value cut short by the end of the file; detect it on the last element."""
     try:
-        tags = sorted(ds.keys())
-        last = ds.get_item(tags[-1]) if tags else None
+        # keys keep file order, so the last key is the last element read (O(1), no sort)
+        last_tag = next(reversed(ds.keys()), None)
+        last = ds.get_item(last_tag) if last_tag is not None else None
     except Exception:  # noqa: BLE001 - the check is best effort; decoding reports other problems
         return None
     length, value = getattr(last, "length", None), getattr(last, "value", None)
@@ -206,7 +209,7 @@ def decode_dataset(ds: Dataset, path: Path) -> DicomPixels:
     required = ["Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation"]
     if "PixelData" in ds:
         required.append("PixelRepresentation")
-    missing = [k for k in required if ds.get(k) in (None, "")]
+    missing = [k for k in required if header_value(ds, k) in (None, "")]
     if missing:
         raise UnreadableFileError(path, (
             "Pixel Data is present but the elements that describe it are missing: "
@@ -290,8 +293,25 @@ def _modality_rescale(arr: np.ndarray, ds: Dataset, path: Path, n_frames: int) -
         slope = _float(ds, "DoseGridScaling", path)
     if slope is None and intercept is None:
         return arr, False
-    out = arr.astype(np.float64) * (1.0 if slope is None else slope) + (intercept or 0.0)
+    slope, intercept = 1.0 if slope is None else slope, intercept or 0.0
+    if _exact_in_float32(arr, slope, intercept):
+        # One pass straight into float32: integer pixels of <= 16 bits plus an integral
+        # intercept (slope 1) are exact in float32, so this equals the float64 result bit for bit.
+        out = np.empty(arr.shape, dtype=np.float32)
+        np.add(arr, np.float32(intercept), out=out, dtype=np.float32, casting="unsafe")
+        return out, True
+    out = arr.astype(np.float64)
+    if slope != 1.0:
+        np.multiply(out, slope, out=out)
+    if intercept:
+        np.add(out, intercept, out=out)
     return out, True
+
+
+def _exact_in_float32(arr: np.ndarray, slope: float, intercept: float) -> bool:
+    """True when ``arr * slope + intercept`` is exact in float32 (so no float64 pass is needed)."""
+    return (slope == 1.0 and arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2
+            and float(intercept).is_integer() and abs(intercept) <= 2 ** 23)
 
 
 def _functional_group(ds: Dataset, keyword: str) -> Dataset | None:
@@ -303,25 +323,107 @@ def _functional_group(ds: Dataset, keyword: str) -> Dataset | None:
         return None
 
 
+# ---- fast reads of simple top-level elements (the ingest hot path)
+# pydicom converts an element on first access through hooks, validation and MultiValue
+# wrappers (~35 us per element on the CT set); the header fields medtl needs are plain
+# numbers and ASCII codes, parsed here straight from the raw bytes. Anything unusual
+# (other VR than the dictionary's, deferred or non-ASCII value, ISO 2022 escapes, a
+# character set that is not ASCII-compatible, a parse failure) falls back to pydicom, so the
+# values and the errors are the same as ``_plain(ds.get(keyword))``.
+_BINARY = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+_DEFAULT_REPERTOIRE = ("CS", "UI", "AE", "DS", "IS")  # never affected by Specific Character Set
+_CHARSET_TEXT = ("LO", "SH")
+_ASCII_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 101", b"ISO_IR 109", b"ISO_IR 110",
+                   b"ISO_IR 144", b"ISO_IR 127", b"ISO_IR 126", b"ISO_IR 138", b"ISO_IR 148",
+                   b"ISO_IR 166", b"ISO_IR 192", b"GB18030", b"GBK"}
+_TAG_VR: dict[str, tuple[int, str]] = {}
+_MISSING = object()
+
+
+def header_value(ds: Dataset, keyword: str) -> Any:
+    """``_plain(ds.get(keyword))`` for a top-level element, without pydicom's conversion cost.
+
+    Returns ``None`` for an absent or empty element, an ``int``/``float``/``str`` for one
+    value and a list for several. Example: ``header_value(ds, "PixelSpacing") -> [0.7, 0.6]``.
+    """
+    value = _fast_value(ds, keyword)
+    return _plain(ds.get(keyword)) if value is _MISSING else value
+
+
+def _fast_value(ds: Dataset, keyword: str) -> Any:
+    tag_vr = _TAG_VR.get(keyword)
+    if tag_vr is None:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            return _MISSING
+        tag_vr = _TAG_VR[keyword] = (tag, dictionary_VR(tag))
+    tag, vr = tag_vr
+    raw = ds.get_item(tag)
+    if raw is None:
+        return None
+    if not isinstance(raw, RawDataElement) or raw.VR not in (None, vr):
+        return _MISSING
+    data = raw.value
+    if data is None:
+        return None if raw.length == 0 else _MISSING
+    if not data:
+        return None
+    if vr in _BINARY:
+        fmt = _BINARY[vr]
+        n, rest = divmod(len(data), struct.calcsize(fmt))
+        if rest:
+            return _MISSING
+        values = struct.unpack(("<" if raw.is_little_endian else ">") + fmt * n, data)
+        return values[0] if n == 1 else list(values)
+    if vr not in _DEFAULT_REPERTOIRE and not (vr in _CHARSET_TEXT and _ascii_charset(ds)):
+        return _MISSING
+    if not data.isascii() or b"\x1b" in data:
+        return _MISSING
+    parts = [p.strip(" \x00") for p in data.decode("ascii").split("\\")]
+    try:
+        if vr == "DS":
+            values = [float(p) for p in parts]
+            if not all(np.isfinite(values)):
+                return _MISSING
+        elif vr == "IS":
+            values = [int(p) for p in parts]
+        else:
+            values = parts
+    except ValueError:
+        return _MISSING
+    if len(values) == 1:
+        return None if values[0] == "" else values[0]
+    return values
+
+
+def _ascii_charset(ds: Dataset) -> bool:
+    raw = ds.get_item(0x00080005)
+    if raw is None:
+        return True
+    if not isinstance(raw, RawDataElement) or raw.value is None:
+        return False
+    return raw.value.strip(b" \x00") in _ASCII_CHARSETS
+
+
 def dicom_meta(ds: Dataset) -> dict[str, Any]:
     """Technical, non-identifying header fields as JSON-friendly values."""
     meta: dict[str, Any] = {}
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None:
         meta["transfer_syntax"] = UID(ts).name
-    sop = ds.get("SOPClassUID")
-    if sop is not None and UID(sop).name != str(sop):
+    sop = header_value(ds, "SOPClassUID")
+    if sop and UID(sop).name != str(sop):
         meta["sop_class"] = UID(sop).name
     for key, kw in (("photometric", "PhotometricInterpretation"), ("rows", "Rows"), ("columns", "Columns"),
                     ("bits_stored", "BitsStored")):
-        value = _plain(ds.get(kw))
+        value = header_value(ds, kw)
         if value is not None:
             meta[key] = value
     for kw in _META_KEYWORDS:
         if kw in IDENTIFYING_TAGS:  # defensive: the list above must never leak identifiers
             continue
         try:
-            value = _plain(ds.get(kw))
+            value = header_value(ds, kw)
         except Exception:  # noqa: BLE001 - an invalid optional field is just left out
             value = None
         if value not in (None, "", []):
@@ -331,7 +433,7 @@ def dicom_meta(ds: Dataset) -> dict[str, Any]:
 
 def row_col_spacing(ds: Dataset) -> tuple[float, float]:
     """(row, col) spacing in mm from PixelSpacing, ImagerPixelSpacing or functional groups."""
-    candidates = [ds.get("PixelSpacing"), ds.get("ImagerPixelSpacing")]
+    candidates = [header_value(ds, "PixelSpacing"), header_value(ds, "ImagerPixelSpacing")]
     group = _functional_group(ds, "PixelMeasuresSequence")
     if group is not None:
         candidates.append(group.get("PixelSpacing"))
@@ -407,6 +509,10 @@ def _value_error_reason(ts: UID, exc: ValueError) -> str:
 
 
 def _int(ds: Dataset, kw: str, path: Path, default: int | None = None) -> int:
+    value = _fast_value(ds, kw)
+    if type(value) is int:
+        return value
+    # slow path (absent, multi-valued or unusual element): pydicom's value and error messages
     value = ds.get(kw)
     if value in (None, ""):
         if default is None:
@@ -422,6 +528,9 @@ def _int(ds: Dataset, kw: str, path: Path, default: int | None = None) -> int:
 
 
 def _float(ds: Dataset, kw: str, path: Path) -> float | None:
+    value = _fast_value(ds, kw)
+    if type(value) is float:
+        return value  # the fast parser only returns finite floats
     value = ds.get(kw)
     if value in (None, ""):
         return None

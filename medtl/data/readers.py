@@ -161,8 +161,8 @@ def _read_dicom_file(path: Path) -> ScanImage:
 
 def _dicom_image(ds: Any, array: np.ndarray, spacing: tuple[float, ...], rescaled: bool,
                  meta: dict[str, Any]) -> ScanImage:
-    modality = str(ds.get("Modality") or "").strip() or None
-    rescale_type = str(ds.get("RescaleType") or "HU").strip().upper()
+    modality = str(_dicom.header_value(ds, "Modality") or "").strip() or None
+    rescale_type = str(_dicom.header_value(ds, "RescaleType") or "HU").strip().upper()
     is_hu = modality == "CT" and rescaled and rescale_type in ("HU", "")
     return ScanImage(array, tuple(float(s) for s in spacing), modality, is_hu, meta)
 

@@ -380,3 +380,81 @@ def test_empty_pixel_data_and_corrupt_deflate(tmp_path: Path, shared_data: Path)
     with pytest.raises(UnreadableFileError) as exc:
         read_image(tmp_path / "dfl.dcm")
     assert exc.value.reason.startswith(("corrupt or truncated deflate", "corrupt deflate")), exc.value.reason
+
+
+# --------------------------------------------------------------------------- fast ingest path
+def _pydicom_reference(path: Path) -> np.ndarray:
+    """Raw pydicom: pixel_array, then the modality rescale in float64, cast to float32."""
+    from pydicom.pixels import apply_modality_lut
+
+    ds = pydicom.dcmread(path)
+    return apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+
+
+def test_fast_path_is_bit_identical_to_pydicom(shared_data: Path) -> None:
+    ct = sorted((shared_data / "ct-contrast-tcga" / "dicom").glob("*.dcm"))
+    samples = [shared_data / "dicom-samples" / n for n in ("CT_small.dcm", "MR_small.dcm", "693_J2KI.dcm")]
+    for path in ct[:: 20] + samples:
+        ref = _pydicom_reference(path)
+        arr = read_image(path).array
+        assert arr.dtype == np.float32 and arr.shape == (1, *ref.shape), path.name
+        np.testing.assert_array_equal(arr[0], ref, err_msg=path.name)
+        if path in ct:  # the benchmark's "raw" formula (float32 arithmetic) agrees too
+            ds = pydicom.dcmread(path)
+            raw32 = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            np.testing.assert_array_equal(arr[0], raw32, err_msg=path.name)
+
+
+def test_non_integral_rescale_keeps_float64_precision(tmp_path: Path) -> None:
+    stored = np.array([[0, 1, 4095], [123, 2047, 3000]], dtype=np.uint16)
+    path = write_dicom(tmp_path / "pet.dcm", stored, modality="PT", slope=0.0123, intercept=-0.5)
+    expected = (stored.astype(np.float64) * 0.0123 - 0.5).astype(np.float32)
+    np.testing.assert_array_equal(read_image(path).array[0], expected)
+
+
+def test_fast_header_values_match_pydicom(shared_data: Path) -> None:
+    from medtl.data._dicom import _META_KEYWORDS, _plain, header_value
+
+    keywords = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+                "PhotometricInterpretation", "NumberOfFrames", "RescaleSlope", "RescaleIntercept", "Modality",
+                "SOPClassUID", "ImagerPixelSpacing", *_META_KEYWORDS)
+    files = sorted((shared_data / "ct-contrast-tcga" / "dicom").glob("*.dcm"))[:10]
+    files += [p for p in sorted((shared_data / "dicom-samples").glob("*.dcm"))
+              if p.name not in ("MR_truncated.dcm", "badVR.dcm", "meta_missing_tsyntax.dcm")]
+    checked = 0
+    for path in files:
+        try:
+            fast, slow = pydicom.dcmread(path), pydicom.dcmread(path)
+        except Exception:  # noqa: BLE001 - files pydicom itself cannot parse are covered elsewhere
+            continue
+        for kw in keywords:
+            try:
+                expected = _plain(slow.get(kw))
+            except Exception:  # noqa: BLE001 - invalid values raise on both paths
+                continue
+            assert header_value(fast, kw) == (None if expected in ("", []) else expected), (path.name, kw)
+            checked += 1
+    assert checked > 500
+
+
+def test_validations_still_fire_on_the_fast_path(tmp_path: Path) -> None:
+    good = write_dicom(tmp_path / "ct.dcm", np.arange(16, dtype=np.uint16).reshape(4, 4))
+    ds = pydicom.dcmread(good)
+    ds.RescaleSlope = "abc"  # invalid DS: the fast parser hands over to pydicom's message
+    ds.save_as(tmp_path / "bad_slope.dcm", enforce_file_format=True)
+    with pytest.raises(UnreadableFileError, match="invalid header value: RescaleSlope.*not a number"):
+        read_image(tmp_path / "bad_slope.dcm")
+    ds = pydicom.dcmread(good)
+    del ds.Rows
+    ds.save_as(tmp_path / "no_rows.dcm", enforce_file_format=True)
+    with pytest.raises(UnreadableFileError, match="elements that describe it are missing: Rows"):
+        read_image(tmp_path / "no_rows.dcm")
+    raw = good.read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(raw[:-10])
+    with pytest.raises(UnreadableFileError, match="truncated"):
+        read_image(tmp_path / "cut.dcm")
+    ds = pydicom.dcmread(good)
+    ds.NumberOfFrames = 0
+    ds.save_as(tmp_path / "nf.dcm", enforce_file_format=True)
+    with pytest.raises(UnreadableFileError, match="empty image: .*NumberOfFrames=0"):
+        read_image(tmp_path / "nf.dcm")
