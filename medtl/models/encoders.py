@@ -198,6 +198,8 @@ def create_encoder(
     net = build_network(record, num_classes=num_classes, in_chans=record.in_chans, drop_rate=drop_rate)
     if record.pretrained:
         load_weights(net, record, weights_path, raw)
+    if not (record.pretrained and num_classes == record.num_classes):
+        _init_new_head(net)
     if net_chans != record.in_chans:
         _adapt_stem(net.get_submodule(record.first_conv), net_chans)
     model = MedtlClassifier(net, record, in_chans=in_chans, channel_mapping=mapping)
@@ -208,6 +210,22 @@ def create_encoder(
     if spatial_dims == 3 and conversion_3d != "inflate":
         log.info("conversion_3d=%s ignored: '%s' is natively 3D", conversion_3d, record.name)
     return model
+
+
+def _init_new_head(net: nn.Module) -> None:
+    """A new classifier starts near zero: weights N(0, 0.01), bias 0 (the pretrained head is kept).
+
+    timm's EfficientNet/MobileNet init draws a new head uniform in ±1/sqrt(num_classes): ±0.71 for 2
+    classes instead of ±0.03 for ImageNet's 1000. Behind BatchNorm'd 1280-d features that gave
+    first-step logits with std ~10 and a cross-entropy of 5-7 on a 2-class task, which AdamW then spent
+    the first epochs undoing (AdrenalMNIST3D epoch-1 loss 5.0 -> 0.60 with this init). A small head is
+    the usual fine-tuning start (e.g. MAE/DeiT heads at std 0.01-0.02).
+    """
+    head = net.get_classifier() if hasattr(net, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=0.01)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
 
 
 def _validate(num_classes, in_chans, spatial_dims, channel_mapping, layout, conversion_3d) -> None:

@@ -207,3 +207,15 @@ def test_keymap_is_exact_not_positional():
           "_fc.bias": torch.zeros(1)}
     out = efficientnet_pytorch_to_timm(sd, rec)
     assert set(out) == {"blocks.1.0.conv_pw.weight", "blocks.0.0.conv_pw.weight", "classifier.bias"}
+
+
+def test_a_new_head_starts_near_zero_so_the_first_loss_is_near_ln_k():
+    """timm's EfficientNet init gives a 2-class head ±0.71 weights: first-step CE was 5-7. Ours starts at ~ln 2."""
+    torch.manual_seed(0)
+    model = create_encoder("tf_efficientnet_lite0", pretrained=True, num_classes=2, in_chans=1).train()
+    head = model.classifier_layer
+    assert head.weight.std().item() == pytest.approx(0.01, rel=0.2) and torch.count_nonzero(head.bias) == 0
+    loss = torch.nn.functional.cross_entropy(model(torch.rand(16, 1, 64, 64)), torch.arange(16) % 2)
+    assert loss.item() < 1.0
+    imagenet = create_encoder("tf_efficientnet_lite0", pretrained=True, num_classes=1000)
+    assert imagenet.classifier_layer.weight.std().item() > 0.03  # the pretrained head is kept
