@@ -40,7 +40,7 @@ from medtl.explain.overlay import montage_png, panel_png
 from medtl.explain.report import write_report
 from medtl.explain.sanity import RANDOMIZATION_THRESHOLD, mask_agreement, randomization_check
 from medtl.train.checkpoint import load_checkpoint
-from medtl.train.fastpath import batches
+from medtl.train.fastpath import batches, resident
 
 __all__ = ["explain_run", "select_cases"]
 
@@ -132,10 +132,11 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
         target = torch.tensor([class_names.index(r["pred"]) for r in fold_rows])
         g = [j for j, i in enumerate(ids) if i in gallery_ids]
         layer, name, grid = gradcam_layer(model, x, ex.gradcam_stride)
+        x_dev = resident(x, device)  # held on the device once for every method, not once per method
         cam_layer = f"{name} ({'x'.join(map(str, grid))} map)"
         for method in ex.methods:
             kw = {**_kwargs(method, ex), **({"layer": layer} if "gradcam" in method else {})}
-            m = _batched(model, x, target, method, ex, deltas, ids, kw)
+            m = _batched(model, x_dev, target, method, ex, deltas, ids, kw)
             for j, i in enumerate(ids):
                 maps.setdefault(i, {})[method] = m[j]
             if not g:
@@ -194,11 +195,10 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
 
 
 def _batched(model, x, target, method, ex, deltas: dict, ids: list[str], kw: dict) -> np.ndarray:
-    """Maps ``(N, *spatial)`` for one method, ``ex.batch_size`` images per call; IG deltas kept."""
+    """Maps ``(N, *spatial)`` for one method of images ``x`` (a :class:`Resident`), ``ex.batch_size`` per call."""
     out = []
-    device = next(model.parameters()).device
-    # the training fast path: the images held once on the model's device, channels_last batches
-    for lo, xb in zip(range(0, len(x), ex.batch_size), batches(x, ex.batch_size, device)):
+    # the training fast path: channels_last batches of the images already held on the device
+    for lo, xb in zip(range(0, len(x), ex.batch_size), batches(x, ex.batch_size, x.device)):
         tb = target[lo: lo + ex.batch_size]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # reported once, below

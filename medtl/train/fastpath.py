@@ -61,10 +61,6 @@ class Resident:
     def __len__(self) -> int:
         return len(self.data)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
-
     def take(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Float32 batch ``(len(idx), C, *S)`` on ``device`` (host-side indices are fine)."""
         if self.on_device:
@@ -83,16 +79,19 @@ class Resident:
         return self._float(chunk)
 
     def _float(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.float() if t.dtype != torch.float32 else t
+        t = t.float()  # a no-op for float32 storage
         return t * self.scale if self.scale != 1.0 else t
 
 
-def _is_uint8_exact(images: np.ndarray) -> bool:
-    """True when every value is k/255 (e.g. MedMNIST at native size): then uint8 storage is lossless."""
+def _uint8_if_exact(images: np.ndarray) -> np.ndarray | None:
+    """``images * 255`` as uint8 when every value is k/255 (e.g. MedMNIST at native size), else ``None``."""
     sample = images.reshape(-1)[: 1 << 16]
-    if not np.array_equal(np.round(sample * 255) / 255, sample):
-        return False
-    return bool(np.array_equal(np.round(images * 255).astype(np.float32) / np.float32(255), images))
+    if not np.array_equal(np.round(sample * 255) / 255, sample):  # cheap early refusal
+        return None
+    k = np.round(images * 255)
+    if not np.array_equal(k.astype(np.float32) / np.float32(255), images):
+        return None
+    return k.astype(np.uint8)
 
 
 def resident(images: np.ndarray | torch.Tensor | Resident, device: torch.device | str, *,
@@ -119,8 +118,9 @@ def resident(images: np.ndarray | torch.Tensor | Resident, device: torch.device 
     if device.type != "cuda":
         arr = images if images.dtype == np.float32 else images.astype(np.float32)
         return Resident(torch.from_numpy(np.ascontiguousarray(arr)), device)
-    if _is_uint8_exact(images):
-        host, scale = torch.from_numpy(np.round(images * 255).astype(np.uint8)), 1.0 / 255
+    exact = _uint8_if_exact(images)
+    if exact is not None:
+        host, scale = torch.from_numpy(exact), 1.0 / 255
     else:
         host, scale = torch.from_numpy(images.astype(np.float16)), 1.0
     need = host.numel() * host.element_size()

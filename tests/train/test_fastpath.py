@@ -8,7 +8,7 @@ import torch
 
 from medtl.config import TrainConfig
 from medtl.train import fit, predict_proba
-from medtl.train.fastpath import Resident, _is_uint8_exact, batches, resident
+from medtl.train.fastpath import Resident, _uint8_if_exact, batches, resident
 
 from test_loop import Tiny, _blobs  # tests/train is on sys.path (rootdir import mode)
 
@@ -46,8 +46,8 @@ def test_batches_are_channels_last_in_2d_and_cover_every_image_in_order():
 
 def test_uint8_storage_is_chosen_only_when_lossless():
     k = np.random.default_rng(3).integers(0, 256, (4, 1, 8, 8))
-    assert _is_uint8_exact((k / 255).astype(np.float32))
-    assert not _is_uint8_exact((k / 255 + 1e-3).astype(np.float32))
+    np.testing.assert_array_equal(_uint8_if_exact((k / 255).astype(np.float32)), k)
+    assert _uint8_if_exact((k / 255 + 1e-3).astype(np.float32)) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
