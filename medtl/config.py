@@ -197,6 +197,10 @@ class TrainConfig(_Strict):
     num_threads: int | None = None
     seed: int = 0
     tta: bool = True
+    ema: float = Field(0.0, ge=0.0, lt=1.0, description=(
+        "exponential moving average of the weights, decay per step (0 = off; e.g. 0.99). Validation, "
+        "best-epoch selection and the returned model use the averaged weights (timm ModelEmaV3, with "
+        "warm-up so short runs are not dominated by the initial weights)"))
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         "off", description="torch.compile mode for the training forward; reduce-overhead uses CUDA graphs")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

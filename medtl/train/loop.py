@@ -13,7 +13,6 @@ weights on the same device.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 import time
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from medtl.adapt.domain import DomainObjective, DomainSetup, adabn, collapse_dsbn, convert_dsbn, domain_context
@@ -202,6 +202,11 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     if x_train.ndim == 4:
         model.to(memory_format=torch.channels_last)
     aug = _augmenter(cfg, tuple(x_train.shape[2:]))
+    # weight averaging: a running mean of the weights is a cheap temporal ensemble that makes the epoch
+    # picked on a small validation set less of a lottery. timm's implementation (with warm-up: the decay
+    # grows as 1 - (1 + step)^-2/3 up to cfg.ema) averages BatchNorm statistics too.
+    ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=True, device=device) if cfg.ema > 0 else None
+    eval_model = ema.module if ema is not None else model
     # the fast path: the data held once as a compact tensor on the device, batches are indices
     data = resident(x_train, device)
     val_data = resident(x_val, device)
@@ -263,6 +268,8 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update(model, step=(epoch - 1) * steps + s + 1)
             loss_sum += loss.detach()
             if task is not None:  # no loss in the bar mid-epoch: reading it would make the host wait
                 progress.update(task, advance=1, description=f"{description} epoch {epoch}/{cfg.epochs}")
@@ -270,7 +277,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         train_seconds = time.perf_counter() - t0
         if task is not None:
             progress.update(task, description=f"{description} epoch {epoch}/{cfg.epochs} loss {train_loss:.3f}")
-        proba = predict_proba(model, val_data, batch_size=max(bs, 64), device=device, tta=cfg.tta,
+        proba = predict_proba(eval_model, val_data, batch_size=max(bs, 64), device=device, tta=cfg.tta,
                               domains=da.val_domains if da.method == "dsbn" else None)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(proba).clamp_min(1e-8)),
                                                 torch.as_tensor(y_val)).item())
@@ -283,7 +290,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
                         "val_auc": m["auc"], "val_acc": m["acc"], "lr": max(g["lr"] for g in opt.param_groups),
                         "train_seconds": train_seconds, "train_images_per_s": steps * bs / train_seconds})
         if score > best[0] or best[2] is None:  # an undefined score (e.g. one-class val) keeps epoch 1
-            best = (score, epoch, copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}))
+            best = (score, epoch, {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()})
     if task is not None:
         progress.update(task, visible=False)
     model.load_state_dict(best[2])

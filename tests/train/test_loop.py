@@ -122,3 +122,41 @@ def test_partial_with_no_blocks_trains_only_the_head():
     res = fit(model, x, y, x, y, cfg, num_classes=2)
     for k, v in res.model.body.state_dict().items():  # weights and BatchNorm statistics
         torch.testing.assert_close(v, body[k], rtol=0, atol=0)
+
+
+def test_ema_selects_and_returns_the_averaged_weights():
+    """With train.ema the returned weights are the moving average, not the last optimiser step:
+    they differ from a plain run with the same seed, they still learn, and the run stays deterministic."""
+    x, y = _blobs()
+    xv, yv = _blobs(seed=1)
+    cfg = CFG.model_copy(update={"ema": 0.9})
+    torch.manual_seed(0)
+    plain = fit(Tiny(), x, y, xv, yv, CFG, num_classes=2)
+    torch.manual_seed(0)
+    ema = fit(Tiny(), x, y, xv, yv, cfg, num_classes=2)
+    torch.manual_seed(0)
+    again = fit(Tiny(), x, y, xv, yv, cfg, num_classes=2)
+    p = predict_proba(ema.model, xv)
+    assert ((p[:, 1] > 0.5) == yv).mean() > 0.9
+    assert ema.best_score == max(h["val_auc"] for h in ema.history)
+    w_plain, w_ema = plain.model.head.weight, ema.model.head.weight
+    assert not torch.allclose(w_plain, w_ema)
+    for k, v in ema.model.state_dict().items():
+        torch.testing.assert_close(v, again.model.state_dict()[k], rtol=0, atol=0)
+
+
+def test_ema_of_one_epoch_is_a_blend_of_the_start_and_the_trained_weights():
+    """One epoch, decay close to 1 with warm-up: the averaged head lies between the initial head
+    and the plain run's head (it is a convex combination of the iterates), not on either end."""
+    x, y = _blobs()
+    xv, yv = _blobs(seed=1)
+    one = CFG.model_copy(update={"epochs": 1, "tta": False})
+    torch.manual_seed(0)
+    start = Tiny()
+    w0 = start.head.weight.detach().clone()
+    torch.manual_seed(0)
+    plain = fit(Tiny(), x, y, xv, yv, one, num_classes=2).model.head.weight.detach()
+    torch.manual_seed(0)
+    avg = fit(Tiny(), x, y, xv, yv, one.model_copy(update={"ema": 0.999}), num_classes=2).model.head.weight.detach()
+    d_total = (plain - w0).norm()
+    assert 0 < (avg - w0).norm() < d_total and 0 < (avg - plain).norm() < d_total
