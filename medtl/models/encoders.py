@@ -29,7 +29,7 @@ from medtl.errors import ConfigError, WeightsError
 from medtl.models._weights import build_network, load_weights, select_layout
 from medtl.models.records import LAYOUTS, WeightRecord, resolve_record
 
-__all__ = ["MedtlClassifier", "create_encoder", "build_network", "CHANNEL_MAPPINGS", "CONVERSIONS_3D"]
+__all__ = ["EncoderContract", "MedtlClassifier", "create_encoder", "build_network", "CHANNEL_MAPPINGS", "CONVERSIONS_3D"]
 
 log = logging.getLogger("medtl.models")
 
@@ -37,47 +37,11 @@ CHANNEL_MAPPINGS = ("auto", "repeat", "sum")
 CONVERSIONS_3D = ("inflate", "acs", "slices", "channels")
 
 
-class MedtlClassifier(nn.Module):
-    """A network behind medtl's encoder contract (see module docstring).
-
-    Args:
-        net: a timm model, :class:`~medtl.models._keras_resnet.KerasResNet50` or
-            :class:`~medtl.models.medicalnet.MedicalNetResNet` (all offer
-            ``forward_features``/``forward_head``/``reset_classifier``/``get_classifier``).
-        record: the weight record the network was built from.
-        in_chans: channels of the data fed to :meth:`forward` (1 for grey scans).
-        channel_mapping: ``"repeat"`` copies a grey channel to the network's channels;
-            ``"sum"`` means the stem conv was collapsed to ``in_chans`` by summing filters.
-    """
-
-    def __init__(self, net: nn.Module, record: WeightRecord, in_chans: int, channel_mapping: str) -> None:
-        super().__init__()
-        self.net = net
-        self.weights_record = record
-        self.in_chans = in_chans
-        self.channel_mapping = channel_mapping
-        net_chans = record.in_chans if channel_mapping == "repeat" else in_chans
-        mean = torch.tensor(record.mean, dtype=torch.float32)
-        std = torch.tensor(record.std, dtype=torch.float32)
-        if net_chans != len(mean):  # "sum": one averaged mean/std per collapsed channel
-            mean, std = mean.mean().repeat(net_chans), std.mean().repeat(net_chans)
-        shape = (1, net_chans) + (1,) * record.spatial_dims
-        self.register_buffer("mean", mean.view(shape), persistent=False)
-        self.register_buffer("std", std.view(shape), persistent=False)
-        self._net_chans = net_chans
-
-    # -- contract ------------------------------------------------------------------
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Map channels and normalise: ``(B, C, *S)`` in [0, 1] -> network input."""
-        if x.shape[1] != self._net_chans:
-            if x.shape[1] == 1:
-                x = x.expand(-1, self._net_chans, *x.shape[2:])
-            else:
-                raise ValueError(f"model expects {self.in_chans} input channel(s), got a tensor of shape "
-                                 f"{tuple(x.shape)}")
-        if self.weights_record.normalization == "zscore_nonzero":
-            return zscore_nonzero(x)
-        return (x - self.mean) / self.std
+class EncoderContract:
+    """The contract's methods, shared by the 2D :class:`MedtlClassifier` and the 3D models of
+    :mod:`medtl.models.inflate`. A subclass provides ``net`` (offering timm's
+    ``forward_features``/``forward_head``/``reset_classifier``/``get_classifier``), ``prepare``
+    and ``weights_record``."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(self.prepare(x))
@@ -118,6 +82,48 @@ class MedtlClassifier(nn.Module):
     def stem(self) -> nn.Module:
         return self.net.get_submodule(self.weights_record.first_conv)
 
+
+class MedtlClassifier(EncoderContract, nn.Module):
+    """A network behind medtl's encoder contract (see module docstring).
+
+    Args:
+        net: a timm model, :class:`~medtl.models._keras_resnet.KerasResNet50` or
+            :class:`~medtl.models.medicalnet.MedicalNetResNet` (all offer
+            ``forward_features``/``forward_head``/``reset_classifier``/``get_classifier``).
+        record: the weight record the network was built from.
+        in_chans: channels of the data fed to :meth:`forward` (1 for grey scans).
+        channel_mapping: ``"repeat"`` copies a grey channel to the network's channels;
+            ``"sum"`` means the stem conv was collapsed to ``in_chans`` by summing filters.
+    """
+
+    def __init__(self, net: nn.Module, record: WeightRecord, in_chans: int, channel_mapping: str) -> None:
+        super().__init__()
+        self.net = net
+        self.weights_record = record
+        self.in_chans = in_chans
+        self.channel_mapping = channel_mapping
+        net_chans = record.in_chans if channel_mapping == "repeat" else in_chans
+        mean = torch.tensor(record.mean, dtype=torch.float32)
+        std = torch.tensor(record.std, dtype=torch.float32)
+        if net_chans != len(mean):  # "sum": one averaged mean/std per collapsed channel
+            mean, std = mean.mean().repeat(net_chans), std.mean().repeat(net_chans)
+        shape = (1, net_chans) + (1,) * record.spatial_dims
+        self.register_buffer("mean", mean.view(shape), persistent=False)
+        self.register_buffer("std", std.view(shape), persistent=False)
+        self._net_chans = net_chans
+
+    # -- contract ------------------------------------------------------------------
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Map channels and normalise: ``(B, C, *S)`` in [0, 1] -> network input."""
+        if x.shape[1] != self._net_chans:
+            if x.shape[1] == 1:
+                x = x.expand(-1, self._net_chans, *x.shape[2:])
+            else:
+                raise ValueError(f"model expects {self.in_chans} input channel(s), got a tensor of shape "
+                                 f"{tuple(x.shape)}")
+        if self.weights_record.normalization == "zscore_nonzero":
+            return zscore_nonzero(x)
+        return (x - self.mean) / self.std
 
 def zscore_nonzero(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """MedicalNet's normalisation: per sample, z-score with mean/std of the non-zero values;

@@ -38,10 +38,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medtl.errors import ConfigError, WeightsError
+from medtl.errors import ConfigError
 from medtl.models._inflate_layers import convert_modules
 from medtl.models._inflate_layers import _is_agnostic as _is_agnostic_root
-from medtl.models.encoders import MedtlClassifier
+from medtl.models.encoders import EncoderContract, MedtlClassifier
 
 __all__ = ["CONVERSIONS_3D", "DEPTH_POOLINGS", "Medtl3DClassifier", "convert_to_3d"]
 
@@ -49,7 +49,7 @@ CONVERSIONS_3D = ("inflate", "acs", "slices", "channels")
 DEPTH_POOLINGS = ("mean", "attention")
 
 
-class Medtl3DClassifier(nn.Module):
+class Medtl3DClassifier(EncoderContract, nn.Module):
     """Base of the 3D models: channel mapping + the weight record's normalisation on volumes.
 
     Attributes:
@@ -82,46 +82,6 @@ class Medtl3DClassifier(nn.Module):
                                  f"{tuple(x.shape)}")
             x = x.expand(-1, self._net_chans, *x.shape[2:])
         return (x - self.mean) / self.std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, D, H, W)`` in [0, 1] -> logits ``(B, K)``."""
-        return self.forward_head(self.forward_features(x))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_features(self.prepare(x))
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.net.forward_head(features, pre_logits=pre_logits)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.net.reset_classifier(num_classes)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.net.num_classes)
-
-    @property
-    def num_features(self) -> int:
-        return int(self.net.num_features)
-
-    @property
-    def classifier_layer(self) -> nn.Module:
-        return self.net.get_classifier()
-
-    @property
-    def stem(self) -> nn.Module:
-        return self.net.get_submodule(self.weights_record.first_conv)
-
-    @property
-    def feature_layer(self) -> nn.Module:
-        name = self.weights_record.feature_layer
-        if not name:
-            info = getattr(self.net, "feature_info", None)
-            name = info[-1]["module"] if info else ""
-        if not name:
-            raise WeightsError(f"No feature layer known for '{self.weights_record.architecture}'; "
-                               "set feature_layer in its weight record.")
-        return self.net.get_submodule(name)
 
 
 class _VolumeNet(Medtl3DClassifier):
@@ -193,12 +153,8 @@ class _SliceNet(Medtl3DClassifier):
         return self.encoder
 
 
-class _StackedSlices(nn.Module):
+class _StackedSlices(_PerSlice):
     """2.5D encoder: ``(B, C, D, H, W)`` -> slices as channels -> ``(B, F, 1, h, w)``."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
