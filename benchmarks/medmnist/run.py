@@ -3,7 +3,7 @@
 One command produces benchmarks/medmnist.md (and medmnist.json):
 
     python benchmarks/medmnist/run.py                                   # GPU: shipped configs, 3 seeds, both inits
-    python benchmarks/medmnist/run.py --preset cpu                      # 2-core CPU budget (see PRESETS)
+    python benchmarks/medmnist/run.py --preset cpu --scratch-seeds 0    # 2-core CPU budget (see PRESETS)
     python benchmarks/medmnist/run.py --datasets breastmnist --seeds 0 --set train.device=cuda
 
 Each (dataset, init, seed) is one `medtl train CONFIG --set train.seed=S [--set model.pretrained=false]`
@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # medtl from this checkout, installed or not
 from _env import describe, finish, md_header  # noqa: E402
 
 from medtl.config import Config, config_hash, expand_path, load_config
@@ -91,7 +92,7 @@ def summarise(results: dict, preset: str, extra: list[str], cmdline: str, env: d
              "the end. MedMNIST v2 rows are from Yang et al., Sci. Data 2023 (28 px; the 224 px rows are upsampled).", ""]
     for ds, by_init in results.items():
         sets = PRESETS[preset].get(ds, []) + extra
-        lines += [f"## {ds}", "", f"`{CONFIGS[ds]}`" + (f" with `--set {' '.join(sets)}`" if sets else ""), "",
+        lines += [f"## {ds}", "", f"`{CONFIGS[ds]}`" + (" with " + " ".join(f"`--set {x}`" for x in sets) if sets else ""), "",
                   "| model | init | seeds | test AUC | test ACC | per seed (AUC / ACC) | best epoch | wall s / run |",
                   "|---|---|---|---|---|---|---|---|"]
         for init, runs in by_init.items():
@@ -113,6 +114,8 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--inits", nargs="+", default=["imagenet", "scratch"], choices=["imagenet", "scratch"])
+    ap.add_argument("--scratch-seeds", nargs="+", type=int, default=None,
+                    help="seeds for the scratch rows (default: --seeds); fewer keeps a CPU run short")
     ap.add_argument("--preset", default="shipped", choices=list(PRESETS))
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "medmnist_bench")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every run")
@@ -121,7 +124,8 @@ def main() -> None:
     import torch
 
     env = describe("cuda" if torch.cuda.is_available() and "train.device=cpu" not in args.sets else "cpu")
-    results = {ds: {init: [run_one(ds, init, s, args.runs, args.preset, args.sets) for s in args.seeds]
+    seeds = {"imagenet": args.seeds, "scratch": args.scratch_seeds or args.seeds}
+    results = {ds: {init: [run_one(ds, init, s, args.runs, args.preset, args.sets) for s in seeds[init]]
                     for init in args.inits} for ds in args.datasets}
     md = summarise(results, args.preset, args.sets, "python benchmarks/medmnist/run.py " + " ".join(sys.argv[1:]),
                    finish(env))
