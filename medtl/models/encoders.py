@@ -43,6 +43,15 @@ class EncoderContract:
     ``forward_features``/``forward_head``/``reset_classifier``/``get_classifier``), ``prepare``
     and ``weights_record``."""
 
+    def _map_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """A grey channel repeated to the network's ``_net_chans``; any other mismatch is an error."""
+        if x.shape[1] != self._net_chans:
+            if x.shape[1] != 1:
+                raise ValueError(f"model expects {self.in_chans} input channel(s), got a tensor of shape "
+                                 f"{tuple(x.shape)}")
+            x = x.expand(-1, self._net_chans, *x.shape[2:])
+        return x
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.forward_features(self.prepare(x))
 
@@ -115,15 +124,11 @@ class MedtlClassifier(EncoderContract, nn.Module):
     # -- contract ------------------------------------------------------------------
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """Map channels and normalise: ``(B, C, *S)`` in [0, 1] -> network input."""
-        if x.shape[1] != self._net_chans:
-            if x.shape[1] == 1:
-                x = x.expand(-1, self._net_chans, *x.shape[2:])
-            else:
-                raise ValueError(f"model expects {self.in_chans} input channel(s), got a tensor of shape "
-                                 f"{tuple(x.shape)}")
+        x = self._map_channels(x)
         if self.weights_record.normalization == "zscore_nonzero":
             return zscore_nonzero(x)
         return (x - self.mean) / self.std
+
 
 def zscore_nonzero(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """MedicalNet's normalisation: per sample, z-score with mean/std of the non-zero values;

@@ -76,12 +76,7 @@ class Medtl3DClassifier(EncoderContract, nn.Module):
         """``(B, C, D, H, W)`` in [0, 1] -> channel-mapped, normalised ``(B, C', D, H, W)``."""
         if x.ndim != 5:
             raise ValueError(f"a 3D model expects volumes (B, C, D, H, W); got a tensor of shape {tuple(x.shape)}")
-        if x.shape[1] != self._net_chans:
-            if x.shape[1] != 1:
-                raise ValueError(f"model expects {self.in_chans} input channel(s), got a tensor of shape "
-                                 f"{tuple(x.shape)}")
-            x = x.expand(-1, self._net_chans, *x.shape[2:])
-        return (x - self.mean) / self.std
+        return (self._map_channels(x) - self.mean) / self.std
 
 
 class _VolumeNet(Medtl3DClassifier):

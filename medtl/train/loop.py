@@ -290,7 +290,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
                         "val_auc": m["auc"], "val_acc": m["acc"], "lr": max(g["lr"] for g in opt.param_groups),
                         "train_seconds": train_seconds, "train_images_per_s": steps * bs / train_seconds})
         if score > best[0] or best[2] is None:  # an undefined score (e.g. one-class val) keeps epoch 1
-            best = (score, epoch, {k: v.detach().cpu().clone() for k, v in eval_model.state_dict().items()})
+            best = (score, epoch, {k: v.detach().to("cpu", copy=True) for k, v in eval_model.state_dict().items()})
     if task is not None:
         progress.update(task, visible=False)
     model.load_state_dict(best[2])
