@@ -12,6 +12,8 @@
     medtl weights list | show NAME | verify NAME
 
 User errors (bad config, data or weights) print one clear message and exit 2; no traceback.
+Each command parses its arguments, calls one workflow of :mod:`medtl.workflows` and prints;
+nothing imports this module.
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from medtl.errors import MedtlError
 
@@ -51,7 +53,7 @@ def main() -> None:
     try:
         app()
     except MedtlError as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, markup=False)
+        console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume finished folds.")
@@ -59,8 +61,9 @@ def main() -> None:
     except Exception as err:  # a bug in medtl, not the user's input: short message unless debugging
         if os.environ.get("MEDTL_DEBUG"):
             raise
-        console.print(f"[bold red]internal error:[/bold red] {type(err).__name__}: {err}\nThis is a medtl bug; "
-                      "rerun with MEDTL_DEBUG=1 to see the traceback and report it.", highlight=False)
+        console.print(Text.assemble(("internal error: ", "bold red"), f"{type(err).__name__}: {err}\nThis is a "
+                                    "medtl bug; rerun with MEDTL_DEBUG=1 to see the traceback and report it."),
+                      highlight=False)
         sys.exit(3)
 
 
@@ -69,10 +72,10 @@ def train(config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs
           out: OutOpt = Path("runs/train"), set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Official split: train on train, select the best epoch on val, report on test with CIs."""
     from medtl.config import load_config
-    from medtl.evaluate.runs import train_official
+    from medtl.workflows import train as train_workflow
 
     cfg = load_config(config, set_)
-    train_official(cfg, out, progress=not quiet)
+    train_workflow(cfg, out, progress=not quiet)
     console.print(f"wrote {out}/metrics.json, predictions.csv, roc.png, confusion.png, checkpoints/")
 
 
@@ -82,7 +85,7 @@ def cv(config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/ct
        resume: Annotated[bool, typer.Option(help="Reuse folds finished by an earlier run in --out.")] = True) -> None:
     """k-fold CV, stratified and grouped by patient, with pooled out-of-fold metrics and patient-bootstrap CIs."""
     from medtl.config import load_config
-    from medtl.evaluate.runs import cross_validate
+    from medtl.workflows import cross_validate
 
     cfg = load_config(config, set_)
     cross_validate(cfg, out, resume=resume, progress=not quiet)
@@ -95,7 +98,7 @@ def explain(run_dir: Annotated[Path, typer.Argument(help="A finished train or cv
                                                         "(default: the run directory).")] = None,
             set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Saliency (Grad-CAM, Integrated Gradients) on correct and wrong out-of-fold cases, with sanity checks."""
-    from medtl.explain.run import explain_run
+    from medtl.workflows import explain_run
 
     path = explain_run(run_dir, out, overrides=set_, progress=not quiet)
     console.print(f"wrote {path}")
@@ -110,9 +113,9 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="A finished cv or train
                                                         "(default: as the run was trained).")] = None,
             set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Predict new scans with the run's fold ensemble (temperature-scaled, averaged)."""
-    from medtl.evaluate.predict import predict_run
+    from medtl.workflows import predict as predict_workflow
 
-    res = predict_run(run_dir, data, out_dir=out, tta=tta, progress=not quiet, overrides=set_)
+    res = predict_workflow(run_dir, data, out_dir=out, tta=tta, progress=not quiet, overrides=set_)
     console.print(f"{res['n_cases']} case(s) predicted by {res['n_models']} model(s), {res['n_skipped']} skipped; "
                   f"wrote {res['out_dir']}/predictions.csv")
 
@@ -123,9 +126,9 @@ def export(run_dir: Annotated[Path, typer.Argument(help="A finished cv or train 
            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default RUN_DIR/export).")] = None,
            atol: Annotated[float, typer.Option(help="Largest allowed |exported - PyTorch| probability.")] = 1e-4) -> None:
     """Export the run's predictor (fold ensemble -> probabilities) and verify it against PyTorch."""
-    from medtl.evaluate.export import export_run
+    from medtl.workflows import export as export_workflow
 
-    rec = export_run(run_dir, format, out_dir=out, atol=atol)
+    rec = export_workflow(run_dir, format, out_dir=out, atol=atol)
     console.print(f"wrote {rec['path']} ({rec['n_models']} model(s)); max |diff| vs PyTorch {rec['max_abs_diff']:.2e}")
 
 
@@ -135,9 +138,10 @@ def compare(run_a: Annotated[Path, typer.Argument(help="First run directory (its
             positive: Annotated[Optional[str], typer.Option(help="Positive class (default: the second class).")] = None,
             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write compare.json here.")] = None) -> None:
     """Paired DeLong test of AUC(A) vs AUC(B) on the cases both runs predicted."""
-    from medtl.evaluate.compare import compare_runs, print_comparison
+    from medtl.workflows import compare as compare_workflow
+    from medtl.workflows.comparison import print_comparison
 
-    res = compare_runs(run_a, run_b, positive=positive, out=out)
+    res = compare_workflow(run_a, run_b, positive=positive, out=out)
     print_comparison(res, console)
 
 
@@ -149,10 +153,10 @@ def rank(config: Annotated[Path, typer.Argument(help="YAML config describing you
          set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Rank candidate encoders on your data without fine-tuning (LogME, LEEP, quick linear-probe AUC)."""
     from medtl.config import load_config
-    from medtl.evaluate.rank import rank_encoders
+    from medtl.workflows import rank as rank_workflow
 
     cfg = load_config(config, set_)
-    rank_encoders(cfg, [c.strip() for c in candidates.split(",") if c.strip()], out_dir=out, progress=not quiet)
+    rank_workflow(cfg, [c.strip() for c in candidates.split(",") if c.strip()], out_dir=out, progress=not quiet)
 
 
 @app.command()
@@ -162,10 +166,10 @@ def audit(source: Annotated[Path, typer.Argument(help="A manifest CSV (path,labe
     """Check a dataset before training: balance, unreadable files, duplicates, label conflicts, confounders.
 
     Exits 0 when clean, 1 when there are findings (see DIR/audit.json)."""
-    from medtl.data import run_audit
     from medtl.data.audit import has_findings, print_audit_summary
+    from medtl.workflows import audit as audit_workflow
 
-    report = run_audit(source, out, overrides=set_, progress=not quiet, reveal_ids=reveal_ids)
+    report = audit_workflow(source, out, overrides=set_, progress=not quiet, reveal_ids=reveal_ids)
     print_audit_summary(report, console)
     console.print(f"wrote {out}/audit.json")
     raise typer.Exit(1 if has_findings(report) else 0)
@@ -175,39 +179,10 @@ def audit(source: Annotated[Path, typer.Argument(help="A manifest CSV (path,labe
 def demo(out: OutOpt = Path("medtl-demo"), quiet: QuietOpt = False,
          set_: SetOpt = None) -> None:
     """Offline demo: writes synthetic two-site CT DICOM, runs 5-fold CV with ImageNet EfficientNet-Lite0, writes report.html."""
-    summary = run_demo(out, overrides=set_, progress=not quiet)
+    from medtl.workflows import demo as demo_workflow
+
+    summary = demo_workflow(out, overrides=set_, progress=not quiet)
     console.print(f"\n[bold green]Demo finished in {summary['seconds']:.0f} s.[/] Open {summary['report']} in a browser.")
-
-
-DEMO_PATIENTS = 32  # 128 slices: enough for 5 folds of >= 6 patients, small enough for <= 10 min on 2 cores
-
-
-def run_demo(out_dir: str | Path = "medtl-demo", *, overrides: list[str] | None = None, progress: bool = True) -> dict:
-    """The demo as a function (also ``medtl.demo``); returns paths and timing."""
-    from medtl.config import load_config
-    from medtl.data.demo import make_demo_dataset
-    from medtl.evaluate.runs import cross_validate
-    from medtl.explain.run import explain_run
-
-    t0 = time.time()
-    out = Path(out_dir)
-    manifest = make_demo_dataset(out / "demo_data", n_patients=DEMO_PATIENTS, slices_per_patient=4, size=96)
-    console.print(f"wrote synthetic CT DICOM dataset: {manifest}")
-    cfg = load_config(_demo_config(manifest), overrides)
-    run = out / "run"
-    metrics = cross_validate(cfg, run, progress=progress)
-    report = explain_run(run, None, progress=progress)
-    return {"run_dir": str(run), "report": str(report), "metrics": metrics["pooled"], "seconds": time.time() - t0}
-
-
-def _demo_config(manifest: Path) -> dict:
-    from importlib.resources import files
-
-    import yaml
-
-    cfg = yaml.safe_load(files("medtl.data").joinpath("demo.yaml").read_text())
-    cfg["data"]["path"] = str(manifest.resolve())
-    return cfg
 
 
 @weights_app.command("list")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +27,7 @@ def test_unknown_config_key_exits_2_without_traceback(tmp_path):
     r = medtl("cv", "configs/breastmnist.yaml", "--set", "train.epoch=1", "--out", tmp_path)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "train.epoch" in r.stderr and "epochs" in r.stderr
+    assert r.stderr.lstrip().startswith("error: ") and "[bold" not in r.stderr  # styled, not literal markup
 
 
 def test_audit_of_broken_dicoms_names_each_file(shared_data, tmp_path):

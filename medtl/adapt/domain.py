@@ -1,6 +1,6 @@
 """Domain adaptation across sites: AdaBN, domain-specific BN, DANN, MMD and CORAL.
 
-The pieces plug into :func:`medtl.train.fit` (``adapt=cfg.adapt``, ``x_target=...``):
+The pieces plug into :func:`medtl.training.fit` (``adapt=cfg.adapt``, ``x_target=...``):
 
 * ``adabn`` (Li et al., 2016): after training, :func:`adabn` re-estimates every BatchNorm's
   running statistics on the unlabelled target images; nothing else changes.
@@ -301,7 +301,7 @@ class DomainObjective(nn.Module):
 
 # -- inputs of a DA run --------------------------------------------------------------------
 class DomainSetup:
-    """Checks a DA run's inputs and maps sites to domain indices (used by :func:`medtl.train.fit`).
+    """Checks a DA run's inputs and maps sites to domain indices (used by :func:`medtl.training.fit`).
 
     Domains: one per distinct training site (sorted; a missing site counts as one site),
     then the target as the last domain.
@@ -358,7 +358,7 @@ def _site(s) -> str:
 
 def adaptation_inputs(cfg: DomainAdaptConfig, images: np.ndarray, sites, train_idx: np.ndarray,
                       val_idx: np.ndarray) -> dict:
-    """Keyword arguments for :func:`medtl.train.fit` from a run's cached data and split.
+    """Keyword arguments for :func:`medtl.training.fit` from a run's cached data and split.
 
     The target images are the unlabelled images of every case at a site that is in neither
     ``train_idx`` nor ``val_idx`` (in leave-one-site-out CV: the held-out site), restricted to

@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from medtl.errors import ConfigError
-from medtl.train.fastpath import autocast, memory_format, resident
+from medtl._fastpath import autocast, memory_format, resident
 
 __all__ = ["LinearProbe", "default_cache_dir", "extract_features", "feature_cache_key", "source_probabilities"]
 

@@ -1,6 +1,6 @@
 """Fine-tuning strategies: what trains, at which learning rate, and when.
 
-A :class:`Strategy` plugs into :func:`medtl.train.fit` through four calls::
+A :class:`Strategy` plugs into :func:`medtl.training.fit` through four calls::
 
     model = strategy.prepare(model)                  # freeze / add adapters, once
     groups = strategy.param_groups(model, lr, wd)    # optimizer groups with per-block LRs
@@ -215,7 +215,7 @@ def make_strategy(cfg: StrategyConfig | None) -> Strategy:
     """The :class:`Strategy` for ``train.strategy`` (``None`` = plain fine-tuning)."""
     cfg = cfg if cfg is not None else StrategyConfig()
     if cfg.name == "linear_probe":
-        raise ConfigError("train.strategy.name=linear_probe does not train through medtl.train.fit: the "
+        raise ConfigError("train.strategy.name=linear_probe does not train through medtl.training.fit: the "
                           "encoder's features are computed once and a scikit-learn head is fitted "
                           "(medtl.adapt.probe). Pick another strategy for fit, e.g. partial with "
                           "trainable_blocks=0 to train only the head by gradient descent.")

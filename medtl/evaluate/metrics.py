@@ -24,7 +24,10 @@ from sklearn.metrics import roc_curve
 
 from medtl.errors import ConfigError, DataError
 
-__all__ = ["METRIC_KEYS", "compute_metrics", "bootstrap_ci", "youden_threshold"]
+__all__ = ["METRIC_KEYS", "THRESHOLD_RULES", "bootstrap_ci", "choose_threshold", "compute_metrics", "predicted_class",
+           "youden_threshold"]
+
+THRESHOLD_RULES: tuple[str, ...] = ("fixed", "youden_val", "sensitivity_val")
 
 METRIC_KEYS: tuple[str, ...] = ("auc", "acc", "balanced_acc", "sensitivity", "specificity", "f1")
 
@@ -331,3 +334,34 @@ def _check_threshold(threshold: object, func: str) -> float:
             f"The 'threshold' parameter of {func} must be a float in the range [0.0, 1.0]. Got {threshold!r} instead."
         )
     return float(threshold)
+
+
+def predicted_class(proba: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """``(N,)`` predicted class indices: ``proba[:, 1] >= threshold`` when binary, else the argmax."""
+    return (proba[:, 1] >= threshold).astype(int) if proba.shape[1] == 2 else proba.argmax(1)
+
+
+def choose_threshold(y_val: np.ndarray, p_val: np.ndarray, rule: str = "fixed", *,
+                     target_sensitivity: float = 0.9) -> float:
+    """A binary operating point chosen on validation data only (never on the test cases).
+
+    ``fixed``: 0.5; ``youden_val``: the threshold maximising sensitivity + specificity - 1;
+    ``sensitivity_val``: the highest threshold whose validation sensitivity reaches
+    ``target_sensitivity``. Multi-class problems and one-class validation sets get 0.5.
+
+    Example:
+        >>> choose_threshold(np.array([0, 0, 1, 1]), np.array([[.9, .1], [.6, .4], [.7, .3], [.2, .8]]),
+        ...                  "sensitivity_val", target_sensitivity=1.0)
+        0.3
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ConfigError(f"The 'rule' parameter of choose_threshold must be one of {THRESHOLD_RULES}. "
+                          f"Got {rule!r} instead.")
+    p_val = np.asarray(p_val)
+    if p_val.ndim != 2 or p_val.shape[1] != 2 or len(np.unique(y_val)) < 2 or rule == "fixed":
+        return 0.5
+    if rule == "youden_val":
+        return float(youden_threshold(y_val, p_val[:, 1]))
+    pos = np.sort(p_val[np.asarray(y_val) == 1, 1])[::-1]
+    need = int(np.ceil(target_sensitivity * len(pos)))
+    return float(pos[max(need, 1) - 1])

@@ -1,7 +1,8 @@
 """Cross-validation schemes: which outer folds a run trains, and the nested-CV grid.
 
 * ``kfold``: patient-grouped stratified k-fold (:func:`~medtl.evaluate.splits.outer_splits`);
-* ``repeated``: ``n_repeats`` x k-fold, each repeat shuffled with its own seed;
+* ``repeated``: ``n_repeats`` x k-fold, each repeat shuffled with its own seed
+  (:func:`medtl._runtime.split_seed` of ``cv.seed`` and the repeat);
 * ``nested``: k-fold outer folds; inside each, an inner grouped k-fold over the training
   patients picks one point of ``cv.grid`` (the outer test fold is never seen);
 * ``leave_one_site_out``: one fold per site (manifest ``site`` column): train on the other
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medtl._runtime import split_seed
 from medtl.config import Config, apply_overrides, load_config
 from medtl.errors import ConfigError, DataError
 from medtl.evaluate.splits import check_disjoint_groups, outer_splits
@@ -78,7 +80,7 @@ def fold_plan(cfg: Config, y: np.ndarray, groups: np.ndarray, sites: np.ndarray 
                               f"cv.scheme={cv.scheme}). Set cv.scheme=repeated or drop cv.n_repeats.")
         plan = []
         for r in range(repeats):
-            folds = outer_splits(y, groups, n_splits=cv.n_splits, seed=cv.seed + 1009 * r, class_names=class_names)
+            folds = outer_splits(y, groups, n_splits=cv.n_splits, seed=split_seed(cv.seed, r), class_names=class_names)
             for k, (tr, te) in enumerate(folds):
                 key = f"fold{k}" if repeats == 1 else f"r{r}fold{k}"
                 plan.append(FoldSpec(key, k, r, tr, te))

@@ -21,7 +21,7 @@ from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from medtl.errors import DataError
 
-__all__ = ["delong_test", "multiclass_metrics"]
+__all__ = ["bootstrap_stat", "delong_test", "mean_sd", "multiclass_metrics"]
 
 
 def _midrank(x: np.ndarray) -> np.ndarray:
@@ -112,3 +112,30 @@ def multiclass_metrics(y_true: np.ndarray, proba: np.ndarray, *, ordinal: bool =
     if ordinal:
         out["qwk"] = float(cohen_kappa_score(y, p.argmax(1), weights="quadratic", labels=list(range(k))))
     return out
+
+
+def bootstrap_stat(fn, y: np.ndarray, proba: np.ndarray, groups: np.ndarray, *, n_boot: int, seed: int) -> dict:
+    """Patient-bootstrap percentile CI of any ``fn(y, proba) -> float`` (ECE, Brier, ...).
+
+    Returns ``{"value", "ci95": [lo, hi], "n_valid"}``; resamples where ``fn`` is undefined are dropped
+    and counted out of ``n_valid``.
+    """
+    _, gi = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(gi == g) for g in range(gi.max() + 1)]
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        take = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        v = fn(y[take], proba[take])
+        if np.isfinite(v):
+            vals.append(v)
+    lo, hi = (np.percentile(vals, [2.5, 97.5]).tolist() if vals else [float("nan")] * 2)
+    return {"value": fn(y, proba), "ci95": [lo, hi], "n_valid": len(vals)}
+
+
+def mean_sd(values: list[float | None]) -> dict:
+    """``{"mean", "sd"}`` over the defined values (``None``/NaN left out); sd with ddof=1."""
+    v = np.asarray([np.nan if x is None else x for x in values], dtype=float)
+    if np.isnan(v).all():
+        return {"mean": float("nan"), "sd": float("nan")}
+    return {"mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0}

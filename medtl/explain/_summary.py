@@ -1,4 +1,4 @@
-"""Run-level summaries of the per-fold trust checks (private helpers of :mod:`medtl.explain.run`)."""
+"""Run-level summaries of the per-fold trust checks (private helpers of :mod:`medtl.workflows.explanation`)."""
 
 from __future__ import annotations
 

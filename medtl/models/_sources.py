@@ -8,7 +8,6 @@ and the place to put it.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import importlib.util
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from medtl._io import sha256_file
 from medtl.errors import WeightsError
 from medtl.models.records import WeightRecord
 
@@ -34,14 +34,6 @@ def weights_dir() -> Path:
 def torch_hub_checkpoints() -> Path:
     """Where torchvision caches its weights: ``$TORCH_HOME/hub/checkpoints``."""
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def locate_weight_file(record: WeightRecord, local_path: str | Path | None = None, *, check: bool = True) -> Path:

@@ -41,7 +41,7 @@ from torch import nn
 from medtl.errors import ConfigError
 from medtl.models._inflate_layers import convert_modules
 from medtl.models._inflate_layers import _is_agnostic as _is_agnostic_root
-from medtl.models.encoders import EncoderContract, MedtlClassifier
+from medtl.models._contract import EncoderContract, MedtlClassifier
 
 __all__ = ["CONVERSIONS_3D", "DEPTH_POOLINGS", "Medtl3DClassifier", "convert_to_3d"]
 

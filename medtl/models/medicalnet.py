@@ -40,7 +40,7 @@ from torch import nn
 
 from medtl.models._head import PooledLinearHead
 
-from medtl.models.records import WeightRecord, register
+from medtl.models._registry import WeightRecord, register
 
 __all__ = ["DEPTHS", "MedicalNetResNet", "build_medicalnet"]
 

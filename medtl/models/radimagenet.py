@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 
 from medtl.errors import ConfigError
-from medtl.models.records import WeightRecord, get_record, register, register_alias
+from medtl.models._registry import WeightRecord, get_record, register, register_alias
 
 __all__ = ["FAMILIES", "record_for_layout"]
 

@@ -11,7 +11,7 @@ from medtl.adapt.domain import (DomainObjective, DomainSpecificBatchNorm, adabn,
                                 coral_loss, dann_lambda, domain_context, grad_reverse, mmd_loss)
 from medtl.config import DomainAdaptConfig, TrainConfig
 from medtl.errors import ConfigError
-from medtl.train import fit, predict_proba
+from medtl.training import fit, predict_proba
 
 
 class Tiny(nn.Module):

@@ -12,7 +12,7 @@ from medtl.adapt.strategies import make_strategy, parameter_blocks
 from medtl.config import StrategyConfig, TrainConfig
 from medtl.errors import ConfigError
 from medtl.models import create_encoder
-from medtl.train import fit
+from medtl.training import fit
 
 
 @pytest.fixture(scope="module")

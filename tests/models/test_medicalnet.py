@@ -13,7 +13,7 @@ import torch
 
 from medtl.errors import ConfigError
 from medtl.models import create_encoder, get_record
-from medtl.models.encoders import zscore_nonzero
+from medtl.models._contract import zscore_nonzero
 from medtl.models.medicalnet import MedicalNetResNet
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medtl.models.encoders import create_encoder
-from medtl.train.checkpoint import (
+from medtl.training.checkpoint import (
     CorruptCheckpointError,
     atomic_write_bytes,
     atomic_write_text,

@@ -5,39 +5,33 @@ are counted and left out (never silently: the counts are in the result). The lab
 matched cases must agree, otherwise the runs did not evaluate the same data.
 
 Example:
-    >>> res = compare_runs("runs/imagenet", "runs/scratch")   # doctest: +SKIP
+    >>> res = compare("runs/imagenet", "runs/scratch")   # doctest: +SKIP
     >>> round(res["delong"]["p_value"], 3)                    # doctest: +SKIP
     0.004
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from medtl.errors import DataError, MedtlError
-from medtl.evaluate import _runio as io
+from medtl._io import write_json
+from medtl.errors import DataError
 from medtl.evaluate.stats import delong_test
+from medtl.workflows.rundir import PredictionRow, RunDir
 
-__all__ = ["compare_runs", "print_comparison"]
-
-
-def _read(run: Path) -> dict[str, dict]:
-    path = run / "predictions.csv" if run.is_dir() else run
-    if not path.exists():
-        raise MedtlError(f"No predictions.csv in '{run}'. Pass a finished run directory (medtl cv/train --out).")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "id" not in rows[0] or "label" not in rows[0]:
-        raise DataError(f"'{path}' is not a medtl predictions file (needs id, label, prob_<class> columns).")
-    return {r["id"]: r for r in rows}
+__all__ = ["compare", "print_comparison"]
 
 
-def compare_runs(run_a: str | Path, run_b: str | Path, *, positive: str | None = None,
+def _read(run: Path) -> dict[str, PredictionRow]:
+    folder = run.parent if run.is_file() else run
+    return {r.id: r for r in RunDir(folder).read_predictions()}
+
+
+def compare(run_a: str | Path, run_b: str | Path, *, positive: str | None = None,
                  out: str | Path | None = None) -> dict:
     """Paired comparison of two runs' out-of-fold (or test) predictions.
 
@@ -48,24 +42,24 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, positive: str | None =
     if len(common) < 2:
         raise DataError(f"The runs share {len(common)} case id(s); a paired test needs the same cases. Compare runs "
                         "made on the same data (same manifest, same split).")
-    probs = [k[5:] for k in a[common[0]] if k.startswith("prob_")]
+    probs = list(a[common[0]].proba)
     pos = positive or (probs[1] if len(probs) == 2 else None)
-    if pos is None or f"prob_{pos}" not in a[common[0]] or f"prob_{pos}" not in b[common[0]]:
+    if pos is None or pos not in a[common[0]].proba or pos not in b[common[0]].proba:
         raise DataError(f"Choose the positive class with --positive; classes in run A: {probs}.")
-    bad = [i for i in common if a[i]["label"] != b[i]["label"]]
+    bad = [i for i in common if a[i].label != b[i].label]
     if bad:
         raise DataError(f"{len(bad)} case(s) have different labels in the two runs (e.g. id {bad[0]}); they did not "
                         "evaluate the same data.")
-    y = np.array([a[i]["label"] == pos for i in common], dtype=int)
-    sa = np.array([float(a[i][f"prob_{pos}"]) for i in common])
-    sb = np.array([float(b[i][f"prob_{pos}"]) for i in common])
+    y = np.array([a[i].label == pos for i in common], dtype=int)
+    sa = np.array([a[i].proba[pos] for i in common])
+    sb = np.array([b[i].proba[pos] for i in common])
     res = {"run_a": str(run_a), "run_b": str(run_b), "n_common": len(common), "only_a": len(set(a) - set(b)),
            "only_b": len(set(b) - set(a)), "positive": pos, "delong": delong_test(y, sa, sb),
-           "acc_a": float(np.mean([a[i]["pred"] == a[i]["label"] for i in common])),
-           "acc_b": float(np.mean([b[i]["pred"] == b[i]["label"] for i in common]))}
+           "acc_a": float(np.mean([a[i].correct for i in common])),
+           "acc_b": float(np.mean([b[i].correct for i in common]))}
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        io.write_json(Path(out) / "compare.json", res)
+        write_json(Path(out) / "compare.json", res)
     return res
 
 

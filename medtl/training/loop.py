@@ -1,7 +1,7 @@
 """The training loop: AdamW, cosine/one-cycle schedule, bf16 on CUDA, best-by-validation.
 
 Inputs are cached arrays from :mod:`medtl.data.prepare` (``(N, C, *S)`` in [0, 1]). The fast
-path (:mod:`medtl.train.fastpath`) holds them once as a compact tensor on the training device;
+path (:mod:`medtl._fastpath`) holds them once as a compact tensor on the training device;
 each step indexes a batch, augments it there in one go (:class:`medtl.data.batch_augment.BatchAugment`;
 ``train.augment.backend=monai`` runs the per-image MONAI preset on the host instead), and runs
 in ``channels_last`` (2D) under bf16 autocast on CUDA, optionally ``torch.compile``d. The loss
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,16 +23,38 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from medtl._fastpath import Resident, autocast, batches, memory_format, resident
+from medtl._runtime import resolve_device, seed_everything
 from medtl.adapt.domain import DomainObjective, DomainSetup, adabn, collapse_dsbn, convert_dsbn, domain_context
 from medtl.adapt.strategies import make_strategy
 from medtl.config import DomainAdaptConfig, TrainConfig
 from medtl.data.batch_augment import BatchAugment
 from medtl.data.transforms import augment_transform
 from medtl.errors import ConfigError
-from medtl.train import distributed
-from medtl.train.fastpath import Resident, autocast, batches, memory_format, resident
+from medtl.training import distributed
 
-__all__ = ["FitResult", "fit", "predict_proba", "resolve_device", "seed_everything"]
+__all__ = ["FitResult", "fit", "predict_proba", "validation_scores"]
+
+
+def validation_scores(y: np.ndarray, proba: np.ndarray, num_classes: int) -> dict[str, float]:
+    """The scores that pick the best epoch: ``{"auc", "acc", "balanced_acc"}`` (``nan`` when undefined).
+
+    ``y`` is ``(N,)`` class indices, ``proba`` ``(N, K)``. AUC is binary (class 1) or the macro
+    one-vs-rest AUC; it is ``nan`` when a class is missing from ``y``. The full metric set with
+    confidence intervals is :mod:`medtl.evaluate`'s business, on a floor above training.
+    """
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    y = np.asarray(y)
+    if len(y) == 0:
+        return {"auc": float("nan"), "acc": float("nan"), "balanced_acc": float("nan")}
+    pred = proba[:, 1] >= 0.5 if num_classes == 2 else proba.argmax(1)
+    auc = float("nan")
+    if len(np.unique(y)) == num_classes:
+        auc = float(roc_auc_score(y, proba[:, 1]) if num_classes == 2 else
+                    roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=list(range(num_classes))))
+    return {"auc": auc, "acc": float(np.mean(pred.astype(int) == y)),
+            "balanced_acc": float(balanced_accuracy_score(y, pred.astype(int)))}
 
 
 @dataclass
@@ -53,21 +74,6 @@ class FitResult:
     best_epoch: int
     best_score: float
     history: list[dict] = field(default_factory=list)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error, not a fallback."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible. Use train.device=auto or cpu.")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _set_threads(cfg: TrainConfig) -> None:
@@ -281,9 +287,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
                               domains=da.val_domains if da.method == "dsbn" else None)
         val_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(proba).clamp_min(1e-8)),
                                                 torch.as_tensor(y_val)).item())
-        from medtl.evaluate.metrics import compute_metrics
-
-        m = compute_metrics(y_val, proba)  # once per epoch: history and selection share it
+        m = validation_scores(y_val, proba, num_classes)  # once per epoch: history and selection share it
         score = -val_loss if cfg.select_metric == "loss" else m[cfg.select_metric]
         score = -math.inf if math.isnan(score) else score
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,

@@ -6,7 +6,7 @@ is the mean of the models' thresholds, each chosen on inner validation data. Pre
 is the run's own (``config.yaml``), so new scans go through exactly what training saw.
 
 Example:
-    >>> res = predict_run("runs/ct", "new_scans/", out_dir="runs/ct/predict")  # doctest: +SKIP
+    >>> res = predict("runs/ct", "new_scans/", out_dir="runs/ct/predict")  # doctest: +SKIP
     >>> res["n_cases"], res["n_models"]                                         # doctest: +SKIP
     (12, 5)
 """
@@ -17,45 +17,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from medtl.config import Config, load_config
+from medtl._runtime import resolve_device
+from medtl.config import load_config
 from medtl.data.manifest import Case
 from medtl.data.prepare import prepare
-from medtl.data.privacy import Pseudonymizer
-from medtl.errors import DataError, MedtlError
-from medtl.evaluate import _runio as io
+from medtl.errors import DataError
 from medtl.evaluate.calibration import TemperatureScaler
-from medtl.train.loop import predict_proba, resolve_device
+from medtl.training.loop import predict_proba
+from medtl.workflows._folds import bootstrap_metrics, prediction_rows, print_summary
+from medtl.workflows.rundir import RunDir
 
-__all__ = ["predict_run", "load_run_models"]
+__all__ = ["predict"]
 
 _SCAN_SUFFIXES = (".dcm", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy", "")
-
-
-def run_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise MedtlError(f"'{run_dir}' is not a medtl run directory (no config.yaml). Pass the --out folder of "
-                         "`medtl cv` or `medtl train`.")
-    raw = yaml.safe_load(path.read_text())
-    return load_config({k: v for k, v in raw.items() if not k.startswith("_")})
-
-
-def load_run_models(run_dir: str | Path) -> list[tuple[str, object, dict]]:
-    """``[(key, model in eval mode, meta)]`` for every checkpoint of a run (sha256-verified)."""
-    from medtl.train.checkpoint import load_checkpoint
-
-    run_dir = Path(run_dir)
-    folders = sorted(p.parent for p in (run_dir / "checkpoints").glob("*/meta.json"))
-    if not folders:
-        raise MedtlError(f"No checkpoints under '{run_dir / 'checkpoints'}'. The run did not finish any fold; "
-                         "rerun it (with --resume) first.")
-    out = []
-    for f in folders:
-        model, meta = load_checkpoint(f)
-        out.append((f.name, model, meta))
-    return out
 
 
 def _scan_cases(path: Path) -> list[Case]:
@@ -70,7 +45,7 @@ def _scan_cases(path: Path) -> list[Case]:
             for i, p in enumerate(files)]
 
 
-def predict_run(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | None = None,
+def predict(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | None = None,
                 tta: bool | None = None, progress: bool = True, overrides: list[str] | None = None) -> dict:
     """Predict ``data`` (a scan, a folder of scans, or a manifest CSV with the run's columns)
     with the run's model ensemble and write ``predictions.csv`` (+ ``metrics.json`` when the
@@ -79,9 +54,9 @@ def predict_run(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | 
     Returns ``{"n_cases", "n_models", "n_skipped", "metrics" (or None), "out_dir"}``.
     """
     t0 = time.time()
-    run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
-    models = load_run_models(run_dir)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    models = run.load_models()
     names = models[0][2]["class_names"]
     data_path = Path(data)
     labelled = data_path.suffix.lower() == ".csv"
@@ -105,33 +80,20 @@ def predict_run(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | 
         thresholds.append(float(meta.get("threshold", 0.5)))
     proba = np.mean(probs, axis=0)
     threshold = float(np.mean(thresholds))
-    out = Path(out_dir) if out_dir is not None else run_dir / "predict"
-    out.mkdir(parents=True, exist_ok=True)
-    pseudo = Pseudonymizer.for_run(out, reveal=cfg.privacy.reveal_ids)
-    io.write_json(out / "skipped.json", prep.skipped)
+    out = RunDir(out_dir if out_dir is not None else run.path / "predict")
+    out.path.mkdir(parents=True, exist_ok=True)
+    pseudo = out.pseudonymizer(cfg.privacy.reveal_ids)
+    out.write_skipped(prep.skipped)
     idx = np.arange(len(prep.y))
-    io.write_predictions(out / "predictions.csv", prep, idx, proba, ["ensemble"] * len(idx), pseudo, threshold)
+    # unlabelled scans: the label column stays empty (prepare() gave them a placeholder class)
+    out.write_predictions(prediction_rows(prep, idx, proba, [["ensemble"]] * len(idx), pseudo, threshold,
+                                          labelled=labelled), names)
     metrics = None
     if labelled and len(set(prep.y.tolist())) > 1:
-        metrics, binfo = io.bootstrap(cfg, prep.y, proba, prep.groups, threshold)
-        io.write_json(out / "metrics.json", {"task": "predict", "run": run_dir.name, "test": metrics,
-                                             "bootstrap": binfo, "threshold": threshold, "n_models": len(models),
-                                             "n_cases": int(len(idx)), "seconds": round(time.time() - t0, 1)})
-        io.print_summary(f"ensemble of {len(models)} model(s) on {len(idx)} labelled case(s)", metrics)
-    if not labelled:  # unlabelled: the label column holds a placeholder; say so in the file
-        _blank_labels(out / "predictions.csv")
+        metrics, binfo = bootstrap_metrics(cfg, prep.y, proba, prep.groups, threshold)
+        out.write_metrics({"task": "predict", "run": run.path.name, "test": metrics, "bootstrap": binfo,
+                           "threshold": threshold, "n_models": len(models), "n_cases": int(len(idx)),
+                           "class_names": names, "seconds": round(time.time() - t0, 1)})
+        print_summary(f"ensemble of {len(models)} model(s) on {len(idx)} labelled case(s)", metrics)
     return {"n_cases": int(len(idx)), "n_models": len(models), "n_skipped": len(prep.skipped), "metrics": metrics,
-            "threshold": threshold, "out_dir": str(out)}
-
-
-def _blank_labels(path: Path) -> None:
-    import csv
-    import io as _io
-
-    rows = list(csv.reader(path.open(newline="")))
-    li = rows[0].index("label")
-    for r in rows[1:]:
-        r[li] = ""
-    buf = _io.StringIO()
-    csv.writer(buf).writerows(rows)
-    io.atomic_write_text(path, buf.getvalue())
+            "threshold": threshold, "out_dir": str(out.path)}

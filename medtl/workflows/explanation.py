@@ -16,21 +16,20 @@ exported as NIfTI in ``saliency/`` (in the scan's own space when it is a NIfTI f
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
-import json
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from medtl import __version__
-from medtl.config import load_config
+from medtl._fastpath import batches, resident
+from medtl._io import write_json
+from medtl._runtime import device_name, resolve_device
+from medtl._version import __version__
 from medtl.data.prepare import load_cases, load_mask, prepare
-from medtl.errors import ConfigError, MedtlError
+from medtl.errors import MedtlError
 from medtl.explain import _plots
 from medtl.explain._summary import localisation_summary, merge_randomization, notes
 from medtl.explain.attribution import ConvergenceWarning, explain, gradcam_layer, relative_delta
@@ -39,8 +38,7 @@ from medtl.explain.faithfulness import deletion_insertion, summarize_faithfulnes
 from medtl.explain.overlay import montage_png, panel_png
 from medtl.explain.report import write_report
 from medtl.explain.sanity import RANDOMIZATION_THRESHOLD, mask_agreement, randomization_check
-from medtl.train.checkpoint import load_checkpoint
-from medtl.train.fastpath import batches, resident
+from medtl.workflows.rundir import PredictionRow, RunDir
 
 __all__ = ["explain_run", "select_cases"]
 
@@ -96,14 +94,18 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
         PosixPath('runs/demo/report.html')
     """
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run.require(run.CONFIG, run.METRICS, run.PREDICTIONS)
+    run_dir = run.path
     out = Path(out_dir) if out_dir is not None else run_dir
-    raw, metrics, rows = _read_run(run_dir)
-    cfg = load_config(raw, overrides)
-    class_names = metrics["class_names"]
+    cfg = run.read_config(overrides)
+    run_metrics = run.read_metrics()
+    metrics = run_metrics.raw
+    rows = [_row_dict(r) for r in run.read_predictions()]
+    class_names = run_metrics.class_names
     cfg.data.class_names = class_names
     ex = cfg.explain
-    device = _device(ex.device)
+    device = resolve_device(ex.device, "explain.device")
     gallery = select_cases(rows, class_names, ex.n_correct, ex.n_wrong)
     all_cases = {c.case_id: c for c in load_cases(cfg.data.model_copy(update={"max_cases": None}),
                                                   cfg.resolved_data_path())}
@@ -125,7 +127,7 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
     curves: dict[str, list[dict]] = {m: [] for m in ex.methods}
     record_name, cam_layer = "", ""
     for key, fold_rows in _track(_by_model(wanted.values()), "Explaining folds", progress):
-        model = load_checkpoint(run_dir / "checkpoints" / key)[0].to(device)
+        model = run.load_model(key)[0].to(device)
         record_name = model.weights_record.name
         ids = [r["id"] for r in fold_rows]
         x = torch.from_numpy(data.images[[by_id[i] for i in ids]])
@@ -173,20 +175,20 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
     seconds = time.perf_counter() - t0
     run_info = {
         "config_name": cfg.name, "task": metrics.get("task"), "model": cfg.model.name, "weights": record_name,
-        "pretrained": cfg.model.pretrained, "n_cases": metrics.get("n_cases", metrics.get("n_test")),
+        "pretrained": cfg.model.pretrained, "n_cases": run_metrics.n_cases,
         "n_patients": metrics.get("n_patients"), "intensity": _intensity_text(cfg),
         "image_size": "x".join(map(str, cfg.data.image_size)), "device": metrics.get("device"),
-        "explain_device": _device_name(device), "methods": ", ".join(ex.methods),
+        "explain_device": device_name(device), "methods": ", ".join(ex.methods),
         "gradcam_layer": cam_layer,
         "explain_seconds": round(seconds, 1),
         "created": _dt.datetime.now().isoformat(timespec="seconds"), "medtl_version": __version__,
     }
-    summary = {"methods": list(ex.methods), "device": _device_name(device), "seconds": seconds,
+    summary = {"methods": list(ex.methods), "device": device_name(device), "seconds": seconds,
                "gradcam_layer": cam_layer, "pointing_tolerance_px": tol,
                "gallery": [r["id"] for r in gallery], "localisation": local, "randomization": sanity,
                "faithfulness": faith, "ig_delta": deltas}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "explain.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    write_json(out / "explain.json", summary)
     return write_report(
         out / "report.html", title=f"medtl report: {cfg.name}", run_info=run_info,
         metrics={k: metrics[k] for k in _REPORT_METRICS if k in metrics}, plots=plots, cases=items,
@@ -242,43 +244,17 @@ def _case_item(r: dict, data, i: int, maps: dict, mask, agreement, delta, out: P
             "ig_delta": delta, "mask_agreement": agreement}
 
 
+def _row_dict(row: PredictionRow) -> dict:
+    """A prediction row as the gallery code reads it, with the checkpoint that never trained on the case."""
+    return {"id": row.id, "label": row.label, "pred": row.pred, "fold": "|".join(row.folds),
+            "model_key": RunDir.model_key(row), **{f"prob_{c}": p for c, p in row.proba.items()}}
+
+
 def _by_model(rows) -> list[tuple[str, list[dict]]]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        # fold column: the checkpoint key ("fold3", "site1"; repeated CV: "r0fold3|r1fold0",
-        # any of which never trained on this case), or a bare index from older runs
-        fold = r["fold"].split("|")[0]
-        key = "final" if fold in ("", "test") else (f"fold{fold}" if fold.isdigit() else fold)
-        groups.setdefault(key, []).append(r)
+        groups.setdefault(r["model_key"], []).append(r)
     return sorted(groups.items())
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("explain.device=cuda was asked for but torch sees no CUDA device. "
-                          "Use explain.device=auto or cpu.")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def _read_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
-    missing = [f for f in ("config.yaml", "metrics.json", "predictions.csv") if not (run_dir / f).is_file()]
-    if missing:
-        raise MedtlError(f"'{run_dir}' is not a finished medtl run: {', '.join(missing)} missing. "
-                         "Run `medtl cv` or `medtl train` first and pass its --out directory.")
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    with (run_dir / "predictions.csv").open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return raw, metrics, rows
 
 
 def _intensity_text(cfg) -> str:
@@ -293,12 +269,6 @@ def _intensity_text(cfg) -> str:
     if it.mode == "range":
         return f"fixed range [{it.vmin:g}, {it.vmax:g}]"
     return "per-image min-max"
-
-
-def _json_default(v):
-    if isinstance(v, (np.floating, np.integer, np.bool_)):
-        return v.item()
-    raise TypeError(type(v).__name__)
 
 
 def _track(items, desc: str, enabled: bool):

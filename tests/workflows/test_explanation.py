@@ -16,7 +16,7 @@ import yaml
 from medtl.data.demo import demo_identifying_strings, find_identifying_strings, make_demo_dataset
 from medtl.errors import DataError
 from medtl.explain.export import save_nifti
-from medtl.explain.run import explain_run, select_cases
+from medtl.workflows.explanation import explain_run, select_cases
 
 CLASSES = ["normal", "lesion"]
 
@@ -46,7 +46,7 @@ def test_gallery_has_most_and_least_confident_correct_and_wrong() -> None:
 def tiny_run(tmp_path_factory) -> Path:
     """A finished-looking 2-fold run: demo DICOM at 48 px, untrained lite0 fold models."""
     from medtl.models import create_encoder
-    from medtl.train.checkpoint import save_checkpoint
+    from medtl.training.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("explain_run")
     manifest = make_demo_dataset(root / "data", n_patients=4, slices_per_patient=2, size=48)

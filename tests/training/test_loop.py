@@ -9,7 +9,7 @@ from torch import nn
 
 from medtl.config import TrainConfig
 from medtl.errors import ConfigError
-from medtl.train import fit, load_checkpoint, predict_proba, save_checkpoint
+from medtl.training import fit, load_checkpoint, predict_proba, save_checkpoint
 
 
 def _blobs(n=48, size=24, seed=0):

@@ -12,7 +12,8 @@ import pytest
 from medtl.config import load_config
 from medtl.data.demo import demo_identifying_strings, find_identifying_strings, make_demo_dataset
 from medtl.evaluate.metrics import METRIC_KEYS
-from medtl.evaluate.runs import cross_validate, train_official
+from medtl.workflows import cross_validate
+from medtl.workflows import train as train_official
 
 TINY = ["train.epochs=1", "train.batch_size=8", "data.image_size=[32, 32]", "cv.n_splits=3",
         "evaluate.n_bootstrap=50", "explain.n_correct=1", "explain.n_wrong=1", "explain.ig_steps=4",
@@ -76,7 +77,7 @@ def test_resume_skips_finished_folds_and_gives_identical_results(demo_run, tmp_p
 
 
 def test_explain_writes_private_self_contained_report(demo_run):
-    from medtl.explain.run import explain_run
+    from medtl.workflows.explanation import explain_run
 
     root, _, _ = demo_run
     report = explain_run(root / "run", progress=False)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from medtl.config import TrainConfig
-from medtl.train import fit, predict_proba
-from medtl.train.fastpath import Resident, _uint8_if_exact, batches, resident
+from medtl.training import fit, predict_proba
+from medtl._fastpath import Resident, _uint8_if_exact, batches, resident
 
 from test_loop import Tiny, _blobs  # tests/train is on sys.path (rootdir import mode)
 

@@ -8,7 +8,7 @@ Every export is checked against PyTorch on random inputs and the largest absolut
 difference is recorded; a difference above ``atol`` raises.
 
 Example:
-    >>> export_run("runs/ct", "onnx")          # doctest: +SKIP
+    >>> export("runs/ct", "onnx")          # doctest: +SKIP
     {'format': 'onnx', 'path': 'runs/ct/export/model.onnx', 'max_abs_diff': 2.1e-07, ...}
 """
 
@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from medtl import __version__
+from medtl._io import write_json
+from medtl._version import __version__
 from medtl.errors import ConfigError, MedtlError
-from medtl.evaluate import _runio as io
-from medtl.evaluate.predict import load_run_models, run_config
+from medtl.workflows.rundir import RunDir
 
-__all__ = ["EnsemblePredictor", "export_run", "EXPORT_FORMATS"]
+__all__ = ["EXPORT_FORMATS", "EnsemblePredictor", "export"]
 
 EXPORT_FORMATS = ("onnx", "torchscript", "monai-bundle")
 
@@ -51,19 +51,19 @@ def _example(cfg, in_chans: int, batch: int = 2) -> torch.Tensor:
     return torch.rand((batch, in_chans, *cfg.data.image_size), generator=g)
 
 
-def export_run(run_dir: str | Path, fmt: str, *, out_dir: str | Path | None = None, atol: float = 1e-4) -> dict:
+def export(run_dir: str | Path, fmt: str = "onnx", *, out_dir: str | Path | None = None, atol: float = 1e-4) -> dict:
     """Export ``run_dir``'s predictor as ``fmt`` (one of :data:`EXPORT_FORMATS`) into ``out_dir``
     (default ``RUN_DIR/export``) and verify it against PyTorch. Returns the ``export.json`` record."""
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"The 'format' parameter of export must be one of {EXPORT_FORMATS}. Got {fmt!r} instead.")
-    run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
-    loaded = load_run_models(run_dir)
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    loaded = run.load_models()
     meta = loaded[0][2]
     in_chans = int(meta.get("build", {}).get("in_chans", 1))
     predictor = EnsemblePredictor([m for _, m, _ in loaded],
                                   [float(mt.get("temperature") or 1.0) for _, _, mt in loaded]).eval()
-    out = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out = Path(out_dir) if out_dir is not None else run.path / "export"
     out.mkdir(parents=True, exist_ok=True)
     x = _example(cfg, in_chans)
     with torch.inference_mode():
@@ -82,7 +82,7 @@ def export_run(run_dir: str | Path, fmt: str, *, out_dir: str | Path | None = No
               "output": {"shape": ["B", len(meta["class_names"])], "kind": "probabilities"},
               "threshold": float(np.mean([float(mt.get("threshold", 0.5)) for _, _, mt in loaded])),
               "medtl_version": __version__, "torch_version": torch.__version__}
-    io.write_json(out / "export.json", record)
+    write_json(out / "export.json", record)
     if not diff <= atol:
         raise MedtlError(f"Exported {fmt} model disagrees with PyTorch: max |diff| {diff:.2e} > atol {atol:.0e}. "
                          f"The export at {path} should not be used; please report this with export.json.")

@@ -12,8 +12,8 @@ import pytest
 from medtl.config import load_config
 from medtl.data.demo import make_demo_dataset
 from medtl.errors import ConfigError, DataError
-from medtl.evaluate.compare import compare_runs
-from medtl.evaluate.runs import cross_validate
+from medtl.workflows import compare as compare_runs
+from medtl.workflows import cross_validate
 from medtl.evaluate.schemes import fold_plan, grid_points, leave_one_site_out, with_point
 
 TINY = ["train.epochs=1", "train.batch_size=8", "data.image_size=[32, 32]", "cv.n_splits=2",
@@ -94,14 +94,14 @@ def test_nested_cv_selects_a_grid_point_per_fold(demo_manifest, tmp_path):
     cfg = _cfg(demo_manifest, "cv.scheme=nested", "cv.inner_splits=2", 'cv.grid={"train.lr": [0.0001, 0.003]}')
     m = cross_validate(cfg, tmp_path / "nested", progress=False)
     rec = json.loads((tmp_path / "nested" / "folds" / "fold0.json").read_text())
-    assert rec["selected"]["train.lr"] in (0.0001, 0.003) and len(rec["inner_scores"]) == 2
+    assert rec["info"]["selected"]["train.lr"] in (0.0001, 0.003) and len(rec["info"]["inner_scores"]) == 2
     assert all(f["selected"] is not None for f in m["folds"])
     with pytest.raises(ConfigError, match="needs a cv.grid"):
         cross_validate(_cfg(demo_manifest, "cv.scheme=nested"), tmp_path / "x", progress=False)
 
 
 def test_predict_with_fold_ensemble_on_folder_and_manifest(calibrated_run, demo_manifest, tmp_path):
-    from medtl.evaluate.predict import predict_run
+    from medtl.workflows import predict as predict_run
 
     out, _ = calibrated_run
     res = predict_run(out, demo_manifest, out_dir=tmp_path / "pred", progress=False)
@@ -117,7 +117,7 @@ def test_predict_with_fold_ensemble_on_folder_and_manifest(calibrated_run, demo_
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "monai-bundle"])
 def test_export_agrees_with_pytorch(calibrated_run, tmp_path, fmt):
-    from medtl.evaluate.export import export_run
+    from medtl.workflows import export as export_run
 
     out, _ = calibrated_run
     rec = export_run(out, fmt, out_dir=tmp_path / fmt)
@@ -135,12 +135,12 @@ def test_compare_runs_paired_delong(calibrated_run, tmp_path):
 
 def test_mlflow_tracking_logs_params_metrics_and_artifacts(calibrated_run, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
-    from medtl.evaluate.predict import run_config
-    from medtl.evaluate.tracking import log_run
+    from medtl.workflows import RunDir
+    from medtl.workflows.tracking import log_run
 
     out, metrics = calibrated_run
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    run_id = log_run(run_config(out), out, metrics)
+    run_id = log_run(RunDir(out).read_config(), RunDir(out), metrics)
     run = mlflow.get_run(run_id)
     assert run.data.params["train.epochs"] == "1" and "data.path" not in run.data.params
     assert abs(run.data.metrics["auc"] - metrics["pooled"]["auc"]["value"]) < 1e-9

@@ -26,19 +26,20 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from medtl._io import atomic_write_text, write_json
+from medtl._runtime import console, resolve_device, seed_everything
 from medtl.adapt.probe import default_cache_dir, extract_features, feature_cache_key, source_probabilities
 from medtl.adapt.transferability import leep, logme, probe_auc
 from medtl.config import Config
 from medtl.data.prepare import PreparedData, prepare
 from medtl.errors import ConfigError
-from medtl.evaluate import _runio as io
 from medtl.models.encoders import create_encoder
 from medtl.models.records import resolve_record
-from medtl.train.loop import resolve_device, seed_everything
+from medtl.workflows.rundir import RunDir
 
-console = io.console
 
-__all__ = ["parse_candidate", "rank_encoders"]
+
+__all__ = ["parse_candidate", "rank"]
 
 _MODES = {"pretrained": True, "scratch": False}
 
@@ -57,7 +58,7 @@ def parse_candidate(spec: str) -> tuple[str, bool]:
     return name, _MODES.get(mode, True)
 
 
-def rank_encoders(cfg: Config, candidates: list[str], *, out_dir: str | Path | None = None, progress: bool = True,
+def rank(cfg: Config, candidates: list[str], *, out_dir: str | Path | None = None, progress: bool = True,
                   baseline: str | None = "auto", data: PreparedData | None = None) -> list[dict]:
     """Score and rank candidate encoders on ``cfg``'s data, best LogME first.
 
@@ -76,12 +77,12 @@ def rank_encoders(cfg: Config, candidates: list[str], *, out_dir: str | Path | N
 
     Example:
         >>> cfg = load_config("configs/breastmnist.yaml", ["data.image_size=[64, 64]"])
-        >>> rows = rank_encoders(cfg, ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])  # doctest: +SKIP
+        >>> rows = rank(cfg, ["tf_efficientnet_lite0", "tf_efficientnet_lite1"])  # doctest: +SKIP
         >>> rows[0]["encoder"], rows[0]["logme"]  # doctest: +SKIP
         ('tf_efficientnet_lite1', -0.52)
     """
     if isinstance(candidates, str) or not candidates:
-        raise ConfigError("The 'candidates' parameter of rank_encoders must be a non-empty list of encoder specs, "
+        raise ConfigError("The 'candidates' parameter of rank must be a non-empty list of encoder specs, "
                           f"e.g. ['tf_efficientnet_lite0', 'resnet18:scratch']. Got {candidates!r} instead.")
     specs = [(s, *parse_candidate(s)) for s in candidates]
     if len({s for s, *_ in specs}) != len(specs):
@@ -168,11 +169,13 @@ def _print(rows: list[dict], cfg: Config, n: int, used: str) -> None:
 
 
 def _write(rows: list[dict], cfg: Config, out_dir: str | Path, n: int, used: str, seconds: float) -> None:
-    out, h = io.start_run(cfg, out_dir, resume=False)
+    run = RunDir(out_dir)
+    h = run.start(cfg, resume=False)
+    out = run.path
     doc = {"task": "rank", "name": cfg.name, "ranked_by": "logme", "n_cases": n, "cases_used": used,
            "image_size": list(cfg.data.image_size), "candidates": rows, "seconds": round(seconds, 1),
            "config_hash": h}
-    io.write_json(out / "rank.json", doc)
+    write_json(out / "rank.json", doc)
     lines = [f"# {cfg.name}: encoders ranked by LogME", "",
              f"{n} cases ({used}), image size {'x'.join(map(str, cfg.data.image_size))}, no fine-tuning.", "",
              "| rank | encoder | LogME | LEEP | probe AUC | feature dim | seconds |",
@@ -183,4 +186,4 @@ def _write(rows: list[dict], cfg: Config, out_dir: str | Path, n: int, used: str
     warnings = [r["warning"] for r in rows if r["warning"]]
     if warnings:
         lines += ["", *[f"- warning: {w}" for w in warnings]]
-    io.atomic_write_text(out / "rank.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "rank.md", "\n".join(lines) + "\n")

@@ -11,8 +11,9 @@ from medtl.config import load_config
 from medtl.data.manifest import Case
 from medtl.data.prepare import PreparedData
 from medtl.errors import ConfigError
-from medtl.evaluate import rank as rank_mod
-from medtl.evaluate.rank import parse_candidate, rank_encoders
+from medtl.workflows import ranking as rank_mod
+from medtl.workflows.ranking import parse_candidate
+from medtl.workflows import rank as rank_encoders
 
 
 def _tiny_data(n=40, size=32, official=False) -> PreparedData:

@@ -12,8 +12,7 @@ import torch
 from medtl.config import load_config
 from medtl.data.demo import make_demo_dataset
 from medtl.data.prepare import prepare
-from medtl.errors import ConfigError
-from medtl.evaluate.linear_probe import cross_validate_linear_probe
+from medtl.workflows import cross_validate as cross_validate_linear_probe
 from medtl.evaluate.metrics import METRIC_KEYS
 
 TINY = ["data.image_size=[32, 32]", "cv.n_splits=3", "evaluate.n_bootstrap=50", "train.tta=false",
@@ -67,12 +66,12 @@ def test_predictions_cover_every_case_once_with_pseudonymised_patients(lp_run):
 
 
 def test_fold_checkpoint_holds_the_probe_folded_into_the_encoder_head(lp_run):
-    from medtl.train.checkpoint import load_checkpoint
+    from medtl.training.checkpoint import load_checkpoint
 
     root, _, data, _ = lp_run
     rec = json.loads((root / "run" / "folds" / "fold0.json").read_text())
     model, meta = load_checkpoint(root / "run" / "checkpoints" / "fold0")
-    assert meta["strategy"] == "linear_probe" and meta["probe_C"] == rec["C"]
+    assert meta["strategy"] == "linear_probe" and meta["probe_C"] == rec["info"]["C"]
     te = [i for i, c in enumerate(data.cases) if c.case_id in set(rec["test_ids"])]
     with torch.no_grad():
         p = model(torch.as_tensor(data.images[te])).softmax(-1).numpy()
@@ -88,20 +87,22 @@ def test_second_run_hits_the_feature_cache_and_gives_identical_metrics(lp_run, t
     assert again["pooled"] == metrics["pooled"] and again["folds"] == metrics["folds"]
 
 
-def test_cross_validate_dispatches_on_the_strategy_and_refuses_other_strategies(lp_run, tmp_path):
-    from medtl.evaluate.runs import cross_validate
-
+def test_nested_selection_wraps_the_probe_trainer(lp_run, tmp_path):
+    """Nested CV is not refused for the probe: the same NestedSelection wraps it."""
     root, cfg, data, metrics = lp_run
+    assert metrics["trainer"] == "linear_probe"
+    nested = load_config(cfg.model_dump(mode="json"),
+                         ["cv.scheme=nested", 'cv.grid={"train.class_weighted": [false, true]}'])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MEDTL_CACHE_DIR", str(root / "cache"))
-        via = cross_validate(cfg, tmp_path / "via", progress=False, data=data)
-    assert via["strategy"]["name"] == "linear_probe" and via["pooled"] == metrics["pooled"]
-    ft = load_config(cfg.model_dump(mode="json"), ["train.strategy.name=finetune"])
-    with pytest.raises(ConfigError, match="needs train.strategy.name=linear_probe"):
-        cross_validate_linear_probe(ft, tmp_path / "x", progress=False, data=data)
-    nested = load_config(cfg.model_dump(mode="json"), ["cv.scheme=nested"])
-    with pytest.raises(ConfigError, match="cv.scheme=nested does not apply"):
-        cross_validate_linear_probe(nested, tmp_path / "y", progress=False, data=data)
+        m = cross_validate_linear_probe(nested, tmp_path / "nested", progress=False, data=data)
+    assert m["trainer"] == "nested(linear_probe)" and len(m["folds"]) == 3
+    for fold in m["folds"]:
+        assert fold["selected"] in ({"train.class_weighted": False}, {"train.class_weighted": True})
+    rec = json.loads((tmp_path / "nested" / "folds" / "fold0.json").read_text())
+    assert [s["point"] for s in rec["info"]["inner_scores"]] == [{"train.class_weighted": False},
+                                                                 {"train.class_weighted": True}]
+    assert all(len(s["inner"]) == 2 for s in rec["info"]["inner_scores"])  # cv.inner_splits=2
 
 
 def test_youden_threshold_and_temperature_come_from_the_training_fold(lp_run, tmp_path):

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 4 -m medtl cv configs/ct_contrast.yaml --out runs/ct   # one node, 4 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_endpoint HOST:29500 -m medtl cv ... # two nodes
 
-Every process runs the same fold loop in lockstep. Inside :func:`medtl.train.loop.fit` each
+Every process runs the same fold loop in lockstep. Inside :func:`medtl.training.loop.fit` each
 process draws the *same* global batch (same seed, same augmentation) and trains on its own
 contiguous share of it; DistributedDataParallel averages the gradients, so one optimiser
 step sees the whole global batch, as a single process would. ``train.batch_size`` stays the
@@ -31,7 +31,7 @@ from torch import nn
 __all__ = ["init_from_env", "is_distributed", "rank", "world_size", "is_main", "local_share", "wrap",
            "local_device"]
 
-log = logging.getLogger("medtl.train")
+log = logging.getLogger("medtl.training")
 
 
 def init_from_env() -> bool:

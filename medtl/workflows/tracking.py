@@ -14,15 +14,12 @@ database or server to use one. Checkpoints are not uploaded
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from medtl.config import Config
 from medtl.errors import MedtlError
+from medtl.workflows.rundir import RunDir
 
 __all__ = ["log_run"]
-
-_SKIP_DIRS = {"checkpoints", "folds", "demo_data"}
-
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
@@ -52,25 +49,24 @@ def _headline(metrics: dict) -> dict[str, float]:
     return out
 
 
-def log_run(cfg: Config, run_dir: str | Path, metrics: dict) -> str:
+def log_run(cfg: Config, run: RunDir, metrics: dict) -> str:
     """Log one finished run to MLflow; returns the MLflow run id."""
     try:
         import mlflow
     except ImportError as exc:
         raise MedtlError("tracking: mlflow needs MLflow: pip install 'medtl[tracking]' (or mlflow-skinny), or set "
                          "tracking: none.") from exc
-    run_dir = Path(run_dir)
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir.resolve().parent / "mlruns").as_uri()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (run.path.resolve().parent / "mlruns").as_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.name)
-    with mlflow.start_run(run_name=run_dir.name) as run:
+    with mlflow.start_run(run_name=run.path.name) as run:
         params = _flatten(cfg.model_dump(mode="json", exclude={"data": {"path"}}))
         mlflow.log_params(params)
         mlflow.log_metrics(_headline(metrics))
-        for f in sorted(run_dir.iterdir()):
+        for f in run.files():
             if f.is_file():
                 mlflow.log_artifact(str(f))
-            elif f.is_dir() and f.name not in _SKIP_DIRS and f.name != "mlruns":
+            else:
                 mlflow.log_artifacts(str(f), artifact_path=f.name)
         return run.info.run_id

@@ -19,17 +19,18 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from dataclasses import dataclass
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
+from medtl._io import atomic_write_bytes, atomic_write_text, sha256_file
 from medtl.errors import MedtlError
 
 __all__ = [
-    "CorruptCheckpointError", "atomic_write_bytes", "atomic_write_text", "save_checkpoint",
+    "CorruptCheckpointError", "ModelSpec", "atomic_write_bytes", "atomic_write_text", "save_checkpoint",
     "load_checkpoint", "read_meta", "verify_checkpoint", "sha256_file",
 ]
 
@@ -54,66 +55,58 @@ class CorruptCheckpointError(MedtlError):
                          "rerun (a resumed `medtl cv` retrains that fold).")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything :func:`medtl.create_encoder` needs to build a run's network: the one place a
+    model is described, both when a run first builds it and when a checkpoint rebuilds it.
 
-    Readers see either the previous content or the complete new content, never a partial
-    file, even when the process is killed (SIGKILL) mid-write. Parent folders are created.
-
-    Example:
-        >>> atomic_write_bytes("runs/x/predictions.csv", b"id,label\\n")   # doctest: +SKIP
-        PosixPath('runs/x/predictions.csv')
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
-    """:func:`atomic_write_bytes` for text (``encoding`` default UTF-8).
+    Stored as ``meta.json["build"]``; rebuilding never fetches pretrained weights again (the
+    checkpoint holds the trained ones) and keeps the weight record the run started from.
 
     Example:
-        >>> atomic_write_text("runs/x/metrics.json", "{}")   # doctest: +SKIP
-        PosixPath('runs/x/metrics.json')
+        >>> spec = ModelSpec("tf_efficientnet_lite0", num_classes=2, in_chans=1)
+        >>> model = spec.build(pretrained=True)                     # doctest: +SKIP
+        >>> ModelSpec.from_dict(spec.to_dict()) == spec
+        True
     """
-    return atomic_write_bytes(path, text.encode(encoding))
 
+    name: str
+    num_classes: int
+    in_chans: int = 1
+    spatial_dims: int = 2
+    channel_mapping: str = "auto"
+    drop_rate: float = 0.0
+    conversion_3d: str = "inflate"
+    layout: str = "auto"
+    depth: int | None = None
 
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    @classmethod
+    def from_config(cls, cfg, num_classes: int) -> ModelSpec:
+        """The spec of ``cfg.model`` for ``num_classes`` classes and the data's channels."""
+        it = cfg.data.intensity
+        return cls(name=cfg.model.name, num_classes=int(num_classes),
+                   in_chans=len(it.windows) if it.mode == "multiwindow" else 1,
+                   spatial_dims=int(cfg.data.spatial_dims), channel_mapping=cfg.model.channel_mapping,
+                   drop_rate=float(cfg.model.drop_rate), conversion_3d=cfg.model.conversion_3d,
+                   layout=cfg.model.layout,
+                   depth=int(cfg.data.image_size[0]) if cfg.data.spatial_dims == 3 else None)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def build(self, *, pretrained: bool, weights_path: str | Path | None = None, **override):
+        """The network, with pretrained weights (``pretrained=True``) or randomly initialised."""
+        from medtl.models.encoders import create_encoder
+
+        kw = {**self.to_dict(), **override}
+        name, layout = kw.pop("name"), kw.pop("layout")
+        return create_encoder(name, pretrained=pretrained, weights_path=weights_path,
+                              layout=layout if pretrained else "auto", **kw)
 
 
 def save_checkpoint(model, folder: str | Path, meta: dict) -> Path:
@@ -214,8 +207,6 @@ def load_checkpoint(folder: str | Path, *, verify: bool = True):
         >>> meta["class_names"]                                        # doctest: +SKIP
         ['lesion', 'normal']
     """
-    import dataclasses
-
     import timm
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -236,15 +227,13 @@ def load_checkpoint(folder: str | Path, *, verify: bool = True):
         raise CorruptCheckpointError(folder, f"meta.json lacks or garbles a field ({type(exc).__name__}: {exc})") from None
     build = meta.get("build")
     if build:  # written by the run drivers: rebuild exactly as trained (3D conversion, layouts, ...)
-        from medtl.models.encoders import create_encoder
-
         try:
-            model = create_encoder(build["name"], pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                   spatial_dims=int(build.get("spatial_dims", 2)), channel_mapping=mapping,
-                                   drop_rate=float(build.get("drop_rate", 0.0)),
-                                   conversion_3d=build.get("conversion_3d", "inflate"), depth=build.get("depth"))
-        except MedtlError as exc:
+            model = ModelSpec.from_dict(build).build(pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                                     channel_mapping=mapping)
+        except (MedtlError, TypeError) as exc:
             raise CorruptCheckpointError(folder, f"cannot rebuild the network from meta.json ({exc})") from None
+        # provenance: the weights the run started from, not the random init the rebuild used
+        model.weights_record = record
     else:  # older checkpoints: a 2D timm network described by its weight record
         net_chans = record.in_chans if mapping == "repeat" else in_chans
         net = timm.create_model(record.architecture, pretrained=False, num_classes=num_classes, in_chans=net_chans)

@@ -1,0 +1,349 @@
+"""The run directory: one class owns its layout, in both directions.
+
+Every workflow that writes a run (``cv``, ``train``) and every one that reads it
+(``predict``, ``export``, ``compare``, ``explain``, tracking) goes through :class:`RunDir`;
+nothing else parses the folder. Layout::
+
+    RUN_DIR/config.yaml        resolved config, then _config_hash and _medtl_version
+    RUN_DIR/metrics.json       the run's figures (see docs/run-directory.md); strict JSON, null for undefined
+    RUN_DIR/predictions.csv    id, patient_id (pseudonym), site, fold, label, prob_<class>..., pred
+    RUN_DIR/folds/<key>.json   one FoldRecord per finished fold (resume)
+    RUN_DIR/checkpoints/<key>/ model.safetensors + meta.json (sha256, ModelSpec, preprocessing)
+    RUN_DIR/skipped.json       unreadable inputs with their reasons
+    RUN_DIR/.pseudonym_salt    the per-run key of the patient pseudonyms (never shared)
+
+Fold keys: ``fold3`` (k-fold), ``r1fold3`` (repeat 1 of repeated CV), ``site0``
+(leave-one-site-out), ``final`` (official split). A prediction row's ``fold`` column lists
+every model that never saw the case, ``|``-separated (repeated CV: one per repeat).
+
+Example:
+    >>> run = RunDir("runs/ct")                       # doctest: +SKIP
+    >>> cfg = run.read_config()                       # doctest: +SKIP
+    >>> rows = run.read_predictions()                 # doctest: +SKIP
+    >>> run.model_key(rows[0]), rows[0].proba         # doctest: +SKIP
+    ('fold2', {'no_contrast': 0.81, 'contrast': 0.19})
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from medtl._io import atomic_write_text, read_json, write_json
+from medtl._version import __version__
+from medtl.config import Config, config_hash, dump_config, load_config
+from medtl.data.privacy import Pseudonymizer
+from medtl.errors import ConfigError, MedtlError
+from medtl.training.checkpoint import CorruptCheckpointError, ModelSpec, load_checkpoint, save_checkpoint, verify_checkpoint
+
+__all__ = ["FoldKey", "FoldRecord", "PredictionRow", "RunDir", "RunMetrics"]
+
+_KEY = re.compile(r"^(?:r(?P<repeat>\d+))?fold(?P<fold>\d+)$|^site(?P<site>\d+)$|^(?P<final>final)$")
+
+
+@dataclass(frozen=True)
+class FoldKey:
+    """A model's key in the run directory (``fold3``, ``r1fold3``, ``site0``, ``final``)."""
+
+    kind: str  # "fold", "site" or "final"
+    index: int = 0
+    repeat: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> FoldKey:
+        m = _KEY.match(str(text).strip())
+        if m is None:
+            raise MedtlError(f"'{text}' is not a fold key of a medtl run; valid keys look like fold3, r1fold3, "
+                             "site0 or final.")
+        if m["final"]:
+            return cls("final")
+        if m["site"] is not None:
+            return cls("site", int(m["site"]))
+        return cls("fold", int(m["fold"]), None if m["repeat"] is None else int(m["repeat"]))
+
+    def __str__(self) -> str:
+        if self.kind == "final":
+            return "final"
+        if self.kind == "site":
+            return f"site{self.index}"
+        return f"fold{self.index}" if self.repeat is None else f"r{self.repeat}fold{self.index}"
+
+
+@dataclass
+class FoldRecord:
+    """What one finished fold leaves behind (``folds/<key>.json``): enough to resume without retraining.
+
+    ``proba`` is ``(n_test, K)`` as reported (temperature-scaled when the run calibrates),
+    ``proba_raw`` the model's own; ``info`` holds what the fold trainer chose (best epoch,
+    probe ``C``, nested-CV grid point and inner scores, history).
+    """
+
+    config_hash: str
+    fold: str
+    test_ids: list[str]
+    proba: list[list[float]]
+    proba_raw: list[list[float]]
+    threshold: float
+    temperature: float | None = None
+    n_train: int = 0
+    n_val: int = 0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def history(self) -> list[dict]:
+        return list(self.info.get("history") or [])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FoldRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        rec = {k: v for k, v in d.items() if k in known}
+        # records written before the info block kept the trainer's choices at top level
+        rec.setdefault("info", {k: d[k] for k in ("best_epoch", "history", "selected", "inner_scores", "C")
+                                if k in d})
+        rec.setdefault("proba_raw", d.get("proba"))
+        return cls(**rec)
+
+
+@dataclass
+class PredictionRow:
+    """One row of ``predictions.csv``."""
+
+    id: str
+    patient_id: str
+    site: str
+    folds: list[str]
+    label: str
+    proba: dict[str, float]
+    pred: str
+
+    @property
+    def confidence(self) -> float:
+        return float(self.proba[self.pred])
+
+    @property
+    def correct(self) -> bool:
+        return self.pred == self.label
+
+
+@dataclass
+class RunMetrics:
+    """``metrics.json`` with the few fields every reader needs typed; ``raw`` is the whole document."""
+
+    task: str
+    name: str
+    class_names: list[str]
+    headline: dict
+    n_cases: int | None
+    device: str | None
+    raw: dict
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunMetrics:
+        task = d.get("task", "cv")
+        n = d.get("n_cases", d.get("n_test"))
+        return cls(task=task, name=d.get("name", ""), class_names=list(d.get("class_names") or []),
+                   headline=d.get("pooled") or d.get("test") or {}, n_cases=None if n is None else int(n),
+                   device=d.get("device"), raw=d)
+
+
+class RunDir:
+    """A medtl run directory (see the module docstring for its layout).
+
+    Args:
+        path: the folder (created by :meth:`start`; readers need it to exist).
+    """
+
+    CONFIG, METRICS, PREDICTIONS, SKIPPED = "config.yaml", "metrics.json", "predictions.csv", "skipped.json"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._hashes: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"RunDir('{self.path}')"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    # -- writing -----------------------------------------------------------------------
+    def start(self, cfg: Config, *, resume: bool) -> str:
+        """Create the folder and write the resolved config; returns its hash.
+
+        With ``resume``, an earlier run in the folder must have the same config. An old
+        ``config.yaml`` is re-read with today's schema first, so a config written by an older
+        medtl (before a field with a default was added) still counts as the same config and its
+        finished folds are reused.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        h = config_hash(cfg)
+        self._hashes = {h}
+        old = self.path / self.CONFIG
+        if old.exists() and resume and (self.path / "folds").exists():
+            prev_hash, prev_now = self._previous_hashes(old)
+            if prev_now != h:
+                raise MedtlError(f"'{self.path}' holds a run made with a different config (hash {prev_hash}, now "
+                                 f"{h}). Use a new --out directory, or --no-resume to overwrite it.")
+            if prev_hash:
+                self._hashes.add(prev_hash)
+        tmp = self.path / ".config.yaml.tmp"
+        try:
+            dump_config(cfg, tmp)
+            text = tmp.read_text(encoding="utf-8")
+        finally:
+            tmp.unlink(missing_ok=True)
+        atomic_write_text(old, text + f"_config_hash: {h}\n_medtl_version: {__version__}\n")
+        return h
+
+    @staticmethod
+    def _previous_hashes(path: Path) -> tuple[str | None, str | None]:
+        """(hash recorded in an old config.yaml, hash of that config re-read with today's schema)."""
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            recorded = raw.get("_config_hash")
+            now = config_hash(load_config({k: v for k, v in raw.items() if not str(k).startswith("_")}))
+        except (MedtlError, OSError, yaml.YAMLError, AttributeError, UnicodeDecodeError):
+            return None, None  # unreadable or no longer valid: a different config
+        return recorded, now
+
+    def write_json(self, name: str, obj) -> Path:
+        return write_json(self.path / name, obj)
+
+    def write_skipped(self, skipped: list) -> Path:
+        return self.write_json(self.SKIPPED, skipped)
+
+    def write_metrics(self, metrics: dict) -> Path:
+        return self.write_json(self.METRICS, metrics)
+
+    def write_fold(self, record: FoldRecord) -> Path:
+        (self.path / "folds").mkdir(parents=True, exist_ok=True)
+        return write_json(self.path / "folds" / f"{record.fold}.json", asdict(record))
+
+    def checkpoint(self, key: str | FoldKey) -> Path:
+        return self.path / "checkpoints" / str(key)
+
+    def checkpoint_meta(self, cfg: Config, spec: ModelSpec, class_names: list[str], h: str, **extra) -> dict:
+        """``meta.json`` of a checkpoint: the ModelSpec that rebuilds it, preprocessing, labels, choices."""
+        return {"class_names": list(class_names), "config_hash": h, "medtl_version": __version__,
+                "data": {"intensity": cfg.data.intensity.model_dump(), "image_size": list(cfg.data.image_size),
+                         "spatial_dims": cfg.data.spatial_dims},
+                "build": spec.to_dict(), **extra}
+
+    def save_model(self, key: str | FoldKey, model, meta: dict) -> Path:
+        return save_checkpoint(model, self.checkpoint(key), meta)
+
+    def write_predictions(self, rows: list[PredictionRow], class_names: list[str]) -> Path:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["id", "patient_id", "site", "fold", "label", *[f"prob_{n}" for n in class_names], "pred"])
+        for r in rows:
+            w.writerow([r.id, r.patient_id, r.site, "|".join(r.folds), r.label,
+                        *[f"{r.proba[n]:.6f}" for n in class_names], r.pred])
+        return atomic_write_text(self.path / self.PREDICTIONS, buf.getvalue())
+
+    def pseudonymizer(self, reveal: bool = False) -> Pseudonymizer:
+        return Pseudonymizer.for_run(self.path, reveal=reveal)
+
+    # -- reading -----------------------------------------------------------------------
+    def require(self, *names: str) -> None:
+        missing = [n for n in names if not (self.path / n).is_file()]
+        if missing:
+            raise MedtlError(f"'{self.path}' is not a finished medtl run: {', '.join(missing)} missing. Run "
+                             "`medtl cv` or `medtl train` first and pass its --out directory.")
+
+    def read_config(self, overrides: list[str] | None = None) -> Config:
+        """The run's config, re-read with today's schema (``_`` bookkeeping keys dropped)."""
+        self.require(self.CONFIG)
+        try:
+            raw = yaml.safe_load((self.path / self.CONFIG).read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"'{self.path / self.CONFIG}' cannot be read ({exc}).") from None
+        return load_config({k: v for k, v in raw.items() if not str(k).startswith("_")}, overrides)
+
+    def read_metrics(self) -> RunMetrics:
+        self.require(self.METRICS)
+        try:
+            return RunMetrics.from_dict(read_json(self.path / self.METRICS))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MedtlError(f"'{self.path / self.METRICS}' is not valid JSON ({exc}); rerun the workflow.") from None
+
+    def read_predictions(self) -> list[PredictionRow]:
+        self.require(self.PREDICTIONS)
+        path = self.path / self.PREDICTIONS
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            if not {"id", "label", "pred"} <= set(cols):
+                raise MedtlError(f"'{path}' is not a medtl predictions file (needs id, label, prob_<class>, pred "
+                                 f"columns; found {cols}).")
+            names = [c[5:] for c in cols if c.startswith("prob_")]
+            rows = []
+            for r in reader:
+                rows.append(PredictionRow(
+                    id=r["id"], patient_id=r.get("patient_id", ""), site=r.get("site", ""),
+                    folds=[f for f in (r.get("fold") or "").split("|") if f], label=r["label"],
+                    proba={n: float(r[f"prob_{n}"]) for n in names}, pred=r["pred"]))
+        return rows
+
+    def read_fold(self, key: str | FoldKey, test_ids: list[str]) -> FoldRecord | None:
+        """A finished fold for resuming, or ``None`` when it must be (re)trained.
+
+        It counts only if it was made with this config (see :meth:`start`), for the same test
+        cases, and its checkpoint verifies (a corrupt or partial checkpoint is retrained)."""
+        path = self.path / "folds" / f"{key}.json"
+        ckpt = self.checkpoint(key)
+        if not (path.exists() and (ckpt / "model.safetensors").exists()):
+            return None
+        try:
+            rec = FoldRecord.from_dict(read_json(path))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError):
+            return None
+        if rec.config_hash not in self._hashes or rec.test_ids != list(test_ids):
+            return None
+        try:
+            verify_checkpoint(ckpt)
+        except CorruptCheckpointError as exc:
+            from medtl._runtime import console
+
+            console.print(f"[yellow]{key}: {exc}; retraining this fold[/]")
+            return None
+        return rec
+
+    def model_keys(self) -> list[str]:
+        return sorted(p.parent.name for p in (self.path / "checkpoints").glob("*/meta.json"))
+
+    def load_model(self, key: str | FoldKey):
+        """``(model in eval mode, meta)`` of one checkpoint, sha256-verified."""
+        return load_checkpoint(self.checkpoint(key))
+
+    def load_models(self) -> list[tuple[str, object, dict]]:
+        """``[(key, model, meta)]`` for every checkpoint of the run (the fold ensemble, or the final model)."""
+        keys = self.model_keys()
+        if not keys:
+            raise MedtlError(f"No checkpoints under '{self.path / 'checkpoints'}'. The run did not finish any fold; "
+                             "rerun it (resuming) first.")
+        return [(k, *self.load_model(k)) for k in keys]
+
+    @staticmethod
+    def model_key(row: PredictionRow) -> str:
+        """The checkpoint that never trained on this case: its first fold, or ``final``."""
+        first = row.folds[0] if row.folds else ""
+        if first in ("", "test", "ensemble"):
+            return "final"
+        return f"fold{first}" if first.isdigit() else str(FoldKey.parse(first))
+
+    def files(self) -> list[Path]:
+        """The run's own files and report folders (not checkpoints, fold records or data)."""
+        skip = {"checkpoints", "folds", "demo_data", "mlruns"}
+        return sorted(p for p in self.path.iterdir() if not p.name.startswith(".") and p.name not in skip)
+
+
+def class_counts(y: np.ndarray, class_names: list[str]) -> dict[str, int]:
+    return {c: int((y == i).sum()) for i, c in enumerate(class_names)}
+
