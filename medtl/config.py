@@ -7,19 +7,44 @@ Example:
 
 Data paths may use ``${MEDTL_SHARED_DATA}`` (default ``../shared/datasets``, resolved
 against the current directory) so the same shipped configs work in CI and for users.
+
+A config is checked once, when it is loaded: field types and bounds by pydantic, then the
+rules that span several fields (``_RULES``, e.g. ``cv.scheme: nested`` needs a ``cv.grid``)
+on the whole :class:`Config`. Every problem is reported at once, as a :class:`ConfigError`
+naming the key, the value received, what is valid and what to do. The section models
+(:class:`TrainConfig`, :class:`IntensityConfig`, ...) stay plain parameter records when built
+on their own; the functions that take them check their own parameters.
+
+Each set of choices is spelled once, below, as a ``Literal`` alias with a tuple beside it
+(``DEVICES``, ``CV_SCHEMES``, ``EXPLAIN_METHODS``, ...) for other modules to import.
+:func:`config_reference_markdown` writes ``docs/config.md`` from this schema.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from medtl.errors import ConfigError, did_you_mean
 
@@ -28,20 +53,111 @@ __all__ = [
     "DataConfig",
     "LabelsConfig",
     "IntensityConfig",
+    "WindowSpec",
     "ModelConfig",
     "TrainConfig",
     "AugmentConfig",
+    "StrategyConfig",
     "CVConfig",
     "EvalConfig",
     "ExplainConfig",
     "PrivacyConfig",
+    "DomainAdaptConfig",
     "load_config",
     "apply_overrides",
     "config_hash",
     "dump_config",
     "shared_data_dir",
     "expand_path",
+    "config_reference_markdown",
+    "rule_descriptions",
+    # enumerations (the Literal aliases are importable too)
+    "DATA_FORMATS",
+    "DATA_SPLITS",
+    "ON_ERROR",
+    "INTENSITY_MODES",
+    "WINDOW_PRESETS",
+    "CT_WINDOWS",
+    "CHANNEL_MAPPINGS",
+    "CONVERSIONS_3D",
+    "WEIGHT_LAYOUTS",
+    "STRATEGIES",
+    "PROBE_HEADS",
+    "DA_METHODS",
+    "AUGMENT_BACKENDS",
+    "SCHEDULERS",
+    "SELECT_METRICS",
+    "AMP_MODES",
+    "DEVICES",
+    "COMPILE_MODES",
+    "CV_SCHEMES",
+    "THRESHOLD_RULES",
+    "CALIBRATIONS",
+    "EXPLAIN_METHODS",
+    "TRACKERS",
 ]
+
+
+# -- enumerations: each set of choices is written once -------------------------------------
+DataFormat = Literal["manifest", "medmnist", "folder"]
+DataSplit = Literal["official", "pooled"]
+OnError = Literal["raise", "skip"]
+IntensityMode = Literal["window", "multiwindow", "percentile", "range", "minmax"]
+WindowPreset = Literal["lung", "mediastinum", "bone", "brain", "abdomen"]
+ChannelMapping = Literal["auto", "repeat", "sum"]
+Conversion3D = Literal["inflate", "acs", "slices", "channels"]
+WeightLayout = Literal["timm", "efficientnet_pytorch", "torchvision", "radimagenet_torch", "radimagenet_keras",
+                       "radimagenet_hf", "medicalnet"]
+StrategyName = Literal["finetune", "llrd", "gradual_unfreeze", "partial", "adapters", "lora", "linear_probe"]
+ProbeHead = Literal["logistic", "mlp"]
+DAMethod = Literal["none", "adabn", "dsbn", "dann", "mmd", "coral"]
+AugmentBackend = Literal["torch", "monai"]
+Scheduler = Literal["cosine", "onecycle"]
+SelectMetric = Literal["auc", "acc", "balanced_acc", "loss"]
+AmpMode = Literal["auto", "on", "off"]
+Device = Literal["auto", "cpu", "cuda"]
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+CVScheme = Literal["kfold", "repeated", "nested", "leave_one_site_out"]
+ThresholdRule = Literal["fixed", "youden_val", "sensitivity_val"]
+Calibration = Literal["none", "temperature"]
+ExplainMethod = Literal["gradcam", "guided_gradcam", "ig", "gradient_shap", "occlusion", "smoothgrad"]
+Tracker = Literal["none", "mlflow"]
+
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
+DATA_SPLITS: tuple[str, ...] = get_args(DataSplit)
+ON_ERROR: tuple[str, ...] = get_args(OnError)
+INTENSITY_MODES: tuple[str, ...] = get_args(IntensityMode)
+WINDOW_PRESETS: tuple[str, ...] = get_args(WindowPreset)
+CHANNEL_MAPPINGS: tuple[str, ...] = get_args(ChannelMapping)
+CONVERSIONS_3D: tuple[str, ...] = get_args(Conversion3D)
+#: key layouts of published weight files (``model.layout`` also takes ``auto``)
+WEIGHT_LAYOUTS: tuple[str, ...] = get_args(WeightLayout)
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
+PROBE_HEADS: tuple[str, ...] = get_args(ProbeHead)
+DA_METHODS: tuple[str, ...] = get_args(DAMethod)
+AUGMENT_BACKENDS: tuple[str, ...] = get_args(AugmentBackend)
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+#: validation scores ``train.select_metric`` can pick the best epoch by (``loss``: lower is better)
+SELECT_METRICS: tuple[str, ...] = get_args(SelectMetric)
+AMP_MODES: tuple[str, ...] = get_args(AmpMode)
+DEVICES: tuple[str, ...] = get_args(Device)
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+CV_SCHEMES: tuple[str, ...] = get_args(CVScheme)
+THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
+CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
+EXPLAIN_METHODS: tuple[str, ...] = get_args(ExplainMethod)
+TRACKERS: tuple[str, ...] = get_args(Tracker)
+
+#: CT window presets: ``(center, width)`` in HU, in ``WINDOW_PRESETS`` order.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (40.0, 350.0),
+}
+
+PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 def shared_data_dir() -> Path:
@@ -53,59 +169,79 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# -- sections ------------------------------------------------------------------------------
 class WindowSpec(_Strict):
     """One CT window (HU) for ``intensity.mode: multiwindow``."""
 
-    center: float
-    width: float = Field(..., gt=0)
+    center: float = Field(..., description="window centre (level) in HU")
+    width: float = Field(..., gt=0, description="window width in HU")
 
 
 class IntensityConfig(_Strict):
     """How raw pixel values become [0, 1].
 
-    ``window``: CT windowing in HU with a preset (``lung`` -600/1500, ``mediastinum``
-    40/400, ``bone`` 400/1800, ``brain`` 40/80, ``abdomen`` 40/350) or ``center``/``width``;
-    ``percentile``: per-image percentile scaling (MR, US); ``range``: fixed ``[vmin, vmax]``
-    (e.g. 0-255 for 8-bit images); ``minmax``: per-image min-max.
+    ``window``: CT windowing in HU with a preset (``CT_WINDOWS``: lung, mediastinum, bone,
+    brain, abdomen) or ``center``/``width``; ``multiwindow``: one channel per window; ``percentile``: per-image
+    percentile scaling (MR, US); ``range``: fixed ``[vmin, vmax]`` (e.g. 0-255 for 8-bit
+    images); ``minmax``: per-image min-max.
     """
 
-    mode: Literal["window", "multiwindow", "percentile", "range", "minmax"] = "percentile"
-    preset: Literal["lung", "mediastinum", "bone", "brain", "abdomen"] | None = None
-    center: float | None = None
-    width: float | None = None
-    lower: float = 1.0
-    upper: float = 99.0
-    vmin: float = 0.0
-    vmax: float = 255.0
-    # multiwindow: each window becomes one channel (e.g. lung/mediastinum/bone as "RGB")
-    windows: list[WindowSpec | Literal["lung", "mediastinum", "bone", "brain", "abdomen"]] = Field(
-        default_factory=lambda: ["lung", "mediastinum", "bone"])
+    mode: IntensityMode = Field("percentile", description=(
+        "`window` (CT, HU), `multiwindow` (one channel per CT window), `percentile` (MR, US), `range` "
+        "(fixed vmin/vmax, e.g. 8-bit images) or `minmax` (per image)"))
+    preset: WindowPreset | None = Field(None, description=(
+        "mode window: CT window preset, center/width in HU: "
+        + ", ".join(f"{k} {c:g}/{w:g}" for k, (c, w) in CT_WINDOWS.items()) + "; or give center and width"))
+    center: float | None = Field(None, description="mode window without a preset: window centre in HU")
+    width: float | None = Field(None, gt=0, description="mode window without a preset: window width in HU")
+    lower: float = Field(1.0, ge=0.0, le=100.0, description="mode percentile: percentile mapped to 0")
+    upper: float = Field(99.0, ge=0.0, le=100.0, description="mode percentile: percentile mapped to 1")
+    vmin: float = Field(0.0, description="mode range: raw value mapped to 0")
+    vmax: float = Field(255.0, description="mode range: raw value mapped to 1")
+    windows: list[WindowSpec | WindowPreset] = Field(
+        default_factory=lambda: ["lung", "mediastinum", "bone"], description=(
+            "mode multiwindow: the windows, one channel each, as presets or {center, width} "
+            "(lung/mediastinum/bone makes an RGB-like image)"))
 
 
 class LabelsConfig(_Strict):
     """Labels for ``data.format: folder``: a CSV keyed by file name (relative to ``data.path``)."""
 
-    csv: str
-    file_column: str = "file"
-    label_column: str = "label"
-    patient_column: str | None = None  # default: each file's DICOM PatientID
-    site_column: str | None = None
+    csv: str = Field(..., description="label CSV (may use ${MEDTL_SHARED_DATA})")
+    file_column: str = Field("file", description="column with the file name, relative to data.path")
+    label_column: str = Field("label", description="column with the class label")
+    patient_column: str | None = Field(None, description="column with the patient ID; null: each file's "
+                                       "DICOM PatientID")
+    site_column: str | None = Field(None, description="column with the acquisition site (for "
+                                    "leave-one-site-out CV and domain adaptation)")
 
 
 class DataConfig(_Strict):
-    format: Literal["manifest", "medmnist", "folder"] = "manifest"
+    """Where the cases come from and how every image is preprocessed (once per run, cached)."""
+
+    format: DataFormat = Field("manifest", description=(
+        "`manifest` (CSV with path,label,patient_id, optional site/mask/split), `folder` (scans + "
+        "data.labels) or `medmnist` (official .npz)"))
     path: str = Field(..., description="manifest CSV, MedMNIST .npz, or image folder (format folder)")
-    labels: LabelsConfig | None = None
-    split: Literal["official", "pooled"] = "official"
-    label_column: str = "label"
-    class_names: list[str] | None = None
-    spatial_dims: Literal[2, 3] = 2
-    image_size: list[int] = Field(default_factory=lambda: [224, 224])
-    spacing: list[float] | None = Field(None, description="resample to this pixel size (mm) then crop/pad; "
-                                        "null = plain resize to image_size")
-    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
-    on_error: Literal["raise", "skip"] = "raise"
-    max_cases: int | None = None
+    labels: LabelsConfig | None = Field(None, description="format folder: the label CSV (required there)")
+    split: DataSplit = Field("official", description=(
+        "MedMNIST: the `official` train/val/test split, or all images `pooled` (for cross-validation)"))
+    label_column: str = Field("label", description="format manifest: column with the class label")
+    class_names: list[str] | None = Field(None, min_length=2, description=(
+        "class order (index 1 is the positive class of binary metrics); null: the sorted labels"))
+    spatial_dims: Literal[2, 3] = Field(2, description="2 for images, 3 for volumes")
+    image_size: list[int] = Field(default_factory=lambda: [224, 224], description=(
+        "network input size: [H, W] (spatial_dims 2) or [D, H, W] (spatial_dims 3)"))
+    spacing: list[PositiveFloat] | None = Field(None, description=(
+        "resample to this pixel size (mm, one per image_size entry) then crop/pad; null = plain resize "
+        "to image_size"))
+    intensity: IntensityConfig = Field(default_factory=IntensityConfig,
+                                       description="how raw values become [0, 1]")
+    on_error: OnError = Field("raise", description=(
+        "unreadable files: `raise` stops before training and lists them all; `skip` trains without "
+        "them and lists them in skipped.json"))
+    max_cases: int | None = Field(None, ge=1, description="random subset of this many cases (quick trials); "
+                                  "null: all")
 
     @field_validator("image_size")
     @classmethod
@@ -114,20 +250,32 @@ class DataConfig(_Strict):
             raise ValueError("image_size must be 2 (H, W) or 3 (D, H, W) integers >= 8")
         return v
 
+    @field_validator("class_names")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            repeated = sorted({c for c in v if v.count(c) > 1})
+            raise ValueError(f"class_names must be distinct; {repeated} appear more than once")
+        return v
+
 
 class ModelConfig(_Strict):
-    name: str = "tf_efficientnet_lite0"
-    pretrained: bool = True
-    weights_path: str | None = None
-    channel_mapping: Literal["auto", "repeat", "sum"] = "auto"
-    drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
-    # how a 2D weight set meets 3D data (ignored for native 3D weights such as MedicalNet):
-    # inflate = I3D kernels repeated along depth and rescaled; acs = axial/coronal/sagittal
-    # split of 2D kernels; slices = per-slice 2D encoder + pooling over depth;
-    # channels = slices stacked as input channels (2.5D, stem filters summed)
-    conversion_3d: Literal["inflate", "acs", "slices", "channels"] = "inflate"
-    layout: Literal["auto", "timm", "efficientnet_pytorch", "torchvision", "radimagenet_torch",
-                    "radimagenet_keras", "radimagenet_hf", "medicalnet"] = Field(
+    """The pretrained encoder and how it meets the data."""
+
+    name: str = Field("tf_efficientnet_lite0", description="weight record (`medtl weights list`) or any timm "
+                      "model name")
+    pretrained: bool = Field(True, description="false: random initialisation, same architecture and "
+                             "preprocessing")
+    weights_path: str | None = Field(None, description="local weight file overriding the record's source")
+    channel_mapping: ChannelMapping = Field("auto", description=(
+        "grey data into an RGB stem: `repeat` the channel or `sum` the stem filters; `auto`: as the weight "
+        "record says"))
+    drop_rate: float = Field(0.2, ge=0.0, lt=1.0, description="dropout before the classifier")
+    conversion_3d: Conversion3D = Field("inflate", description=(
+        "how 2D weights meet 3D data (ignored for native 3D weights such as MedicalNet): `inflate` (I3D "
+        "kernels repeated along depth), `acs` (axial/coronal/sagittal split), `slices` (per-slice 2D "
+        "encoder, pooled over depth), `channels` (slices as input channels, 2.5D)"))
+    layout: Literal["auto"] | WeightLayout = Field(
         "auto", description="key layout of model.weights_path (auto: detected from the keys)")
 
 
@@ -141,17 +289,21 @@ class StrategyConfig(_Strict):
     ``linear_probe``: frozen encoder, features computed once and cached, sklearn head.
     """
 
-    name: Literal["finetune", "llrd", "gradual_unfreeze", "partial", "adapters", "lora",
-                  "linear_probe"] = "finetune"
-    llrd_decay: float = Field(0.7, gt=0.0, le=1.0)
-    unfreeze_every: int = Field(2, ge=1)
-    trainable_blocks: int = Field(2, ge=0)
-    adapter_reduction: int = Field(8, ge=1)
-    lora_rank: int = Field(4, ge=1)
-    lora_alpha: float = Field(8.0, gt=0)
-    probe_head: Literal["logistic", "mlp"] = "logistic"
-    probe_C: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])
-    feature_cache: bool = True
+    name: StrategyName = Field("finetune", description=(
+        "how much of the encoder trains (see above); `linear_probe` (frozen features, scikit-learn head) "
+        "runs in `medtl cv` only"))
+    llrd_decay: float = Field(0.7, gt=0.0, le=1.0, description="llrd: LR factor per block, from the head down")
+    unfreeze_every: int = Field(2, ge=1, description="gradual_unfreeze: epochs between unfreezing blocks")
+    trainable_blocks: int = Field(2, ge=0, description="partial: trained blocks below the head (0: head only)")
+    adapter_reduction: int = Field(8, ge=1, description="adapters: bottleneck reduction (C / reduction channels)")
+    lora_rank: int = Field(4, ge=1, description="lora: rank of the low-rank update")
+    lora_alpha: float = Field(8.0, gt=0, description="lora: scale of the update (alpha / rank)")
+    probe_head: ProbeHead = Field("logistic", description="linear_probe: scikit-learn logistic regression or MLP head")
+    probe_C: list[PositiveFloat] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1,
+                                         description="linear_probe: inverse regularisation strengths, picked "
+                                         "by grouped inner CV (cv.inner_splits)")
+    feature_cache: bool = Field(True, description="linear_probe: cache the encoder features on disk "
+                                "(MEDTL_CACHE_DIR)")
 
 
 class DomainAdaptConfig(_Strict):
@@ -161,9 +313,14 @@ class DomainAdaptConfig(_Strict):
     training; with ``use_target_unlabelled`` its images are). ``none``: source-only.
     """
 
-    method: Literal["none", "adabn", "dsbn", "dann", "mmd", "coral"] = "none"
-    target_site: str | None = None
-    use_target_unlabelled: bool = True
+    method: DAMethod = Field("none", description=(
+        "`none`: source only; the others adapt to the target site's unlabelled images (AdaBN, "
+        "domain-specific BatchNorm, DANN, MMD, CORAL) and need cv.scheme leave_one_site_out or "
+        "adapt.target_site"))
+    target_site: str | None = Field(None, description=(
+        "the new hospital's site (held out of training); null: in leave-one-site-out CV each held-out site"))
+    use_target_unlabelled: bool = Field(True, description="let the method see the target site's images "
+                                        "(never its labels); every method but none needs it")
     weight: float = Field(1.0, ge=0.0, description="weight of the DANN/MMD/CORAL loss")
 
 
@@ -172,39 +329,55 @@ class AugmentConfig(_Strict):
     ``monai`` runs the per-image MONAI preset (:func:`medtl.data.transforms.augment_transform`) on the host.
     Both draw the same transform families with the same probabilities and ranges."""
 
-    backend: Literal["torch", "monai"] = "torch"
-    flip: bool = True
-    vertical_flip: bool = False
-    affine: bool = True
-    rotate_deg: float = 15.0
-    scale: float = 0.1
-    translate: float = 0.06
-    intensity: bool = True
+    backend: AugmentBackend = Field("torch", description=(
+        "`torch`: whole batches on the training device (one affine_grid/grid_sample); `monai`: the "
+        "per-image MONAI preset on the host (same families, probabilities and ranges)"))
+    flip: bool = Field(True, description="random horizontal flip")
+    vertical_flip: bool = Field(False, description="random vertical flip")
+    affine: bool = Field(True, description="random rotation, scaling and translation")
+    rotate_deg: float = Field(15.0, description="affine: maximum rotation in degrees")
+    scale: float = Field(0.1, description="affine: maximum relative zoom (0.1 = ±10 %)")
+    translate: float = Field(0.06, description="affine: maximum shift as a fraction of the image size")
+    intensity: bool = Field(True, description="random contrast/brightness/noise")
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-2, ge=0)
-    scheduler: Literal["cosine", "onecycle"] = "cosine"
-    warmup_epochs: int = Field(1, ge=0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    class_weighted: bool = False
-    select_metric: Literal["auc", "acc", "balanced_acc", "loss"] = "auc"
-    amp: Literal["auto", "on", "off"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_threads: int | None = None
-    seed: int = 0
-    tta: bool = True
+    """Fine-tuning: AdamW, a warm-up then cosine (or one-cycle) schedule, best epoch on validation."""
+
+    epochs: int = Field(20, ge=1, description="training epochs")
+    batch_size: int = Field(32, ge=1, description="images per step")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (of the head, with llrd)")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
+    scheduler: Scheduler = Field("cosine", description="learning-rate schedule after the warm-up")
+    warmup_epochs: int = Field(1, ge=0, description="linear warm-up epochs")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the cross-entropy")
+    class_weighted: bool = Field(False, description="inverse-frequency class weights in the loss")
+    select_metric: SelectMetric = Field("auc", description=(
+        "validation score that picks the best epoch (`loss`: the lowest)"))
+    amp: AmpMode = Field("auto", description="mixed precision; `auto`: on CUDA only; `on` needs CUDA")
+    device: Device = Field("auto", description=(
+        "`auto`: CUDA when available; `cuda` without a GPU is an error, never a silent fallback"))
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
+    seed: int = Field(0, description="seed of initialisation, augmentation and batch order")
+    tta: bool = Field(True, description="average with the horizontally flipped image at prediction time")
     ema: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "exponential moving average of the weights, decay per step (0 = off; e.g. 0.99). Validation, "
         "best-epoch selection and the returned model use the averaged weights (timm ModelEmaV3, with "
         "warm-up so short runs are not dominated by the initial weights)"))
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+    compile: CompileMode = Field(
         "off", description="torch.compile mode for the training forward; reduce-overhead uses CUDA graphs")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig,
+                                   description="random transforms, replayable from train.seed")
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig,
+                                     description="which parts of the encoder train, and how")
+
+    @field_validator("amp", "compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, v: Any, info: ValidationInfo) -> Any:
+        """YAML 1.1 reads a bare ``on``/``off`` as true/false: ``amp: on`` and ``--set train.amp=on`` mean the words."""
+        if isinstance(v, bool) and (info.field_name == "amp" or not v):
+            return "on" if v else "off"
+        return v
 
 
 class CVConfig(_Strict):
@@ -212,61 +385,97 @@ class CVConfig(_Strict):
     different shuffles; ``nested``: an inner grouped k-fold picks the ``grid`` point;
     ``leave_one_site_out``: one fold per site (needs the ``site`` column)."""
 
-    scheme: Literal["kfold", "repeated", "nested", "leave_one_site_out"] = "kfold"
-    n_splits: int = Field(5, ge=2)
-    n_repeats: int = Field(1, ge=1)
-    inner_splits: int = Field(3, ge=2)
-    grid: dict[str, list[float | int | str]] = Field(
-        default_factory=dict, description="nested CV grid, dotted keys, e.g. {'train.lr': [3e-4, 1e-3]}")
-    val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
-    seed: int = 0
+    scheme: CVScheme = Field("kfold", description=(
+        "`repeated`: n_repeats x k-fold; `nested`: an inner CV picks the cv.grid point; "
+        "`leave_one_site_out`: one fold per site (needs a site column)"))
+    n_splits: int = Field(5, ge=2, description="outer folds")
+    n_repeats: int = Field(1, ge=1, description="repeated: how many reshuffled k-fold runs (other schemes: 1)")
+    inner_splits: int = Field(3, ge=2, description="nested CV and linear_probe: inner grouped folds")
+    grid: dict[str, list[bool | int | float | str]] = Field(
+        default_factory=dict, description=(
+            "nested CV grid, dotted train/model/adapt keys, e.g. {'train.lr': [3e-4, 1e-3]}"))
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.5, description=(
+        "share of each training fold's patients held out for validation (epoch, temperature, threshold)"))
+    seed: int = Field(0, description="seed of the fold assignment")
 
 
 class EvalConfig(_Strict):
-    n_bootstrap: int = Field(1000, ge=10)
-    threshold: Literal["fixed", "youden_val", "sensitivity_val"] = "fixed"
-    target_sensitivity: float = Field(0.9, gt=0.0, lt=1.0)
-    calibration: Literal["none", "temperature"] = "none"
-    ordinal: bool = False
-    seed: int = 0
+    """Scoring: patient-level bootstrap CIs, the decision threshold and calibration."""
+
+    n_bootstrap: int = Field(1000, ge=10, description="patient-level bootstrap resamples for the 95 % CIs")
+    threshold: ThresholdRule = Field("fixed", description=(
+        "binary decision threshold: `fixed` = 0.5; `youden_val` and `sensitivity_val` are chosen on "
+        "validation data only"))
+    target_sensitivity: float = Field(0.9, gt=0.0, le=1.0, description=(
+        "sensitivity_val: the highest threshold reaching this validation sensitivity"))
+    calibration: Calibration = Field("none", description=(
+        "`temperature`: temperature scaling fitted on each fold's validation split"))
+    ordinal: bool = Field(False, description="ordinal classes: add quadratic-weighted kappa")
+    seed: int = Field(0, description="seed of the bootstrap")
 
 
 class ExplainConfig(_Strict):
-    methods: list[Literal["gradcam", "guided_gradcam", "ig", "gradient_shap", "occlusion", "smoothgrad"]] = Field(
-        default_factory=lambda: ["gradcam", "ig"])
-    n_correct: int = Field(4, ge=0)
-    n_wrong: int = Field(4, ge=0)
-    ig_steps: int = Field(32, ge=2)
-    ig_delta_threshold: float = Field(0.05, gt=0)  # warn when IG misses completeness by more
-    n_samples: int = Field(16, ge=1)  # noisy samples for gradient_shap / smoothgrad
-    batch_size: int = Field(16, ge=1)  # images per explain() call
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    sanity_check: bool = True  # cascading model-parameter randomisation test
-    cascade_steps: int = Field(5, ge=2)  # top stages randomised one by one, then all of them
-    faithfulness_steps: int = Field(16, ge=0)  # deletion/insertion curve points - 1; 0 = off
-    localisation: bool = True  # pointing game over every correct case with a mask
-    pointing_tolerance: int | None = Field(None, ge=0)  # px; None: 15 px at 224 px, scaled (Zhang et al.)
-    gradcam_stride: int | None = Field(16, ge=1)  # deepest block at this output stride; None: feature_layer
-    export_nifti: bool = True  # 3D maps as NIfTI in the scan's space
+    """``medtl explain``: attribution maps of a finished run, with their sanity checks."""
+
+    methods: list[ExplainMethod] = Field(default_factory=lambda: ["gradcam", "ig"], min_length=1, description=(
+        "attribution methods, each run on every case of the report (ig: integrated gradients)"))
+    n_correct: int = Field(4, ge=0, description="correctly classified cases per class in the report")
+    n_wrong: int = Field(4, ge=0, description="misclassified cases per class in the report")
+    ig_steps: int = Field(32, ge=2, description="integrated-gradients steps")
+    ig_delta_threshold: float = Field(0.05, gt=0, description=(
+        "warn when IG misses completeness by more than this share of f(x) - f(baseline)"))
+    n_samples: int = Field(16, ge=1, description="noisy samples for gradient_shap / smoothgrad")
+    batch_size: int = Field(16, ge=1, description="images per explain() call")
+    device: Device = Field("auto", description="as train.device, for computing the maps")
+    sanity_check: bool = Field(True, description="cascading model-parameter randomisation test")
+    cascade_steps: int = Field(5, ge=2, description="sanity check: top stages randomised one by one, then all")
+    faithfulness_steps: int = Field(16, ge=0, description="deletion/insertion curve points - 1; 0 = off")
+    localisation: bool = Field(True, description="pointing game over every correct case with a mask")
+    pointing_tolerance: int | None = Field(None, ge=0, description=(
+        "pointing game tolerance in px; null: 15 px at 224 px, scaled (Zhang et al.)"))
+    gradcam_stride: int | None = Field(16, ge=1, description=(
+        "Grad-CAM at the deepest block with this output stride; null: the encoder's feature layer"))
+    export_nifti: bool = Field(True, description="write 3D maps as NIfTI in the scan's space")
 
 
 class PrivacyConfig(_Strict):
-    reveal_ids: bool = False
+    """What reports and run files may show about patients."""
+
+    reveal_ids: bool = Field(False, description="show real patient IDs instead of pseudonyms")
 
 
 class Config(_Strict):
-    """A whole run. Unknown keys anywhere are errors."""
+    """A whole run: the top-level keys, and one section per stage. Unknown keys anywhere are errors.
 
-    name: str = "run"
-    data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    cv: CVConfig = Field(default_factory=CVConfig)
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
-    explain: ExplainConfig = Field(default_factory=ExplainConfig)
-    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
-    adapt: DomainAdaptConfig = Field(default_factory=DomainAdaptConfig)
-    tracking: Literal["none", "mlflow"] = "none"
+    Rules across keys (``_RULES``, ``rule_descriptions()``) are checked on every validation,
+    so ``load_config`` and ``Config.model_validate`` refuse a conflicting run before it starts.
+    """
+
+    name: str = Field("run", description="run name shown in reports (and the MLflow experiment)")
+    data: DataConfig = Field(..., description="cases and preprocessing")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the pretrained encoder")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="fine-tuning")
+    cv: CVConfig = Field(default_factory=CVConfig, description="cross-validation (`medtl cv`)")
+    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="scoring")
+    explain: ExplainConfig = Field(default_factory=ExplainConfig, description="attribution report (`medtl explain`)")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="patient identifiers")
+    adapt: DomainAdaptConfig = Field(default_factory=DomainAdaptConfig, description="domain adaptation")
+    tracking: Tracker = Field("none", description=(
+        "`mlflow`: log the finished run to a local MLflow store (needs pip install 'medtl[tracking]')"))
+
+    @model_validator(mode="after")
+    def _check_rules(self, info: ValidationInfo) -> Config:
+        """Every rule in ``_RULES``, then the grid values and (unless the context says
+        ``check_dependencies: False``) the optional packages; all problems in one error."""
+        context = info.context or {}
+        problems = [p for rule in _RULES for p in rule(self)]
+        if not problems and self.cv.grid:
+            problems = list(_grid_value_problems(self))
+        if context.get("check_dependencies", True):
+            problems += _dependency_problems(self)
+        if problems:
+            raise PydanticCustomError("config_rule", "{rules}", {"rules": "\n".join(problems)})
+        return self
 
     def resolved_data_path(self) -> Path:
         return Path(expand_path(self.data.path))
@@ -275,6 +484,343 @@ class Config(_Strict):
         return Path(expand_path(self.data.labels.csv)) if self.data.labels else None
 
 
+_SECTIONS: tuple[type[BaseModel], ...] = (Config, DataConfig, LabelsConfig, IntensityConfig, WindowSpec, ModelConfig,
+                                          TrainConfig, AugmentConfig, StrategyConfig, CVConfig, EvalConfig,
+                                          ExplainConfig, PrivacyConfig, DomainAdaptConfig)
+
+
+# -- rules that span several fields (checked on every Config) -----------------------------------
+_RULES: list[Callable[[Config], Iterator[str]]] = []
+
+
+def _rule(fn: Callable[[Config], Iterator[str]]) -> Callable[[Config], Iterator[str]]:
+    """Register a cross-field rule: ``fn(cfg)`` yields one message per problem found.
+
+    The first paragraph of its docstring documents the rule in ``docs/config.md``.
+    """
+    _RULES.append(fn)
+    return fn
+
+
+def rule_descriptions() -> list[str]:
+    """One line per rule checked when a config is loaded (the first paragraph of its docstring)."""
+    return [" ".join(fn.__doc__.strip().split("\n\n")[0].split())
+            for fn in [*_RULES, _grid_value_problems, _dependency_problems]]
+
+
+@_rule
+def _data_geometry(cfg: Config) -> Iterator[str]:
+    """`data.image_size` (and `data.spacing`) give one entry per axis: [H, W] for
+    `spatial_dims: 2`, [D, H, W] for 3.
+    """
+    d = cfg.data
+    if d.spatial_dims != len(d.image_size):
+        yield (f"data.spatial_dims={d.spatial_dims} but data.image_size={list(d.image_size)} has "
+               f"{len(d.image_size)} entries. Use spatial_dims: 3 with image_size [D, H, W] for volumes, or "
+               "spatial_dims: 2 with [H, W] for images.")
+    if d.spacing is not None and len(d.spacing) != len(d.image_size):
+        yield (f"data.spacing must give one pixel size (mm) per data.image_size entry ({len(d.image_size)}). "
+               f"Got data.spacing={list(d.spacing)} instead. Give {len(d.image_size)} values, or null for a "
+               "plain resize.")
+
+
+@_rule
+def _folder_needs_labels(cfg: Config) -> Iterator[str]:
+    """`data.format: folder` needs a `data.labels` section."""
+    if cfg.data.format == "folder" and cfg.data.labels is None:
+        yield ("data.format=folder needs a data.labels section (csv, file_column, label_column). Got none. "
+               "Add data.labels.csv, or use data.format=manifest with a CSV of path,label,patient_id.")
+
+
+@_rule
+def _intensity(cfg: Config) -> Iterator[str]:
+    """`data.intensity`: `window` needs a `preset` or both `center` and `width` (not both);
+    those keys apply to `window` only; `multiwindow` needs >= 1 window; `lower < upper`; `vmin < vmax`.
+    """
+    it = cfg.data.intensity
+    manual = {k: v for k, v in (("center", it.center), ("width", it.width)) if v is not None}
+    presets = ", ".join(WINDOW_PRESETS)
+    if it.mode == "window":
+        if it.preset is None and len(manual) < 2:
+            got = f"only {next(iter(manual))}" if manual else "neither"
+            yield (f"data.intensity.mode=window needs a preset ({presets}) or both center and width. Got {got}. "
+                   "Set e.g. data.intensity.preset=lung.")
+        elif it.preset is not None and manual:
+            yield (f"data.intensity.preset={it.preset} and data.intensity.{'/'.join(manual)} are both set, so one "
+                   "would be ignored. Keep the preset or center and width, not both.")
+    else:
+        given = [k for k, v in (("preset", it.preset), ("center", it.center), ("width", it.width)) if v is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            yield (f"data.intensity.{'/'.join(given)} only {verb} to data.intensity.mode=window. Got "
+                   f"mode={it.mode} instead. Set data.intensity.mode=window, or drop {'/'.join(given)}.")
+    if it.mode == "multiwindow" and not it.windows:
+        yield (f"data.intensity.mode=multiwindow needs at least one window in data.intensity.windows (presets "
+               f"{presets} or {{center, width}}). Got an empty list.")
+    if it.mode == "percentile" and not it.lower < it.upper:
+        yield (f"data.intensity.lower must be below data.intensity.upper (percentiles). Got lower={it.lower}, "
+               f"upper={it.upper} instead, e.g. lower: 1, upper: 99.")
+    if it.mode == "range" and not it.vmin < it.vmax:
+        yield (f"data.intensity.vmin must be below data.intensity.vmax. Got vmin={it.vmin}, vmax={it.vmax} "
+               "instead, e.g. vmin: 0, vmax: 255 for 8-bit images.")
+
+
+@_rule
+def _conversion_3d(cfg: Config) -> Iterator[str]:
+    """`model.conversion_3d` other than `inflate` needs 3D data (`data.spatial_dims: 3`)."""
+    if cfg.model.conversion_3d != "inflate" and cfg.data.spatial_dims != 3:
+        yield (f"model.conversion_3d={cfg.model.conversion_3d} only applies to 3D data (data.spatial_dims=3). "
+               f"Got data.spatial_dims={cfg.data.spatial_dims} instead. Drop model.conversion_3d for 2D data.")
+
+
+@_rule
+def _amp_needs_cuda(cfg: Config) -> Iterator[str]:
+    """`train.amp: on` needs CUDA, so it conflicts with `train.device: cpu`."""
+    if cfg.train.amp == "on" and cfg.train.device == "cpu":
+        yield ("train.amp=on needs a CUDA device, but train.device=cpu. Use train.amp=auto (or off) on the CPU, "
+               "or train.device=cuda.")
+
+
+@_rule
+def _probe_class_weights(cfg: Config) -> Iterator[str]:
+    """`train.class_weighted: true` with `linear_probe` needs `probe_head: logistic`
+    (scikit-learn's MLP has no class weights).
+    """
+    s = cfg.train.strategy
+    if s.name == "linear_probe" and s.probe_head == "mlp" and cfg.train.class_weighted:
+        yield ("train.class_weighted=true needs train.strategy.probe_head=logistic with linear_probe "
+               "(scikit-learn's MLPClassifier takes no class weights). Got probe_head=mlp. Use probe_head=logistic "
+               "or train.class_weighted=false.")
+
+
+@_rule
+def _cv_scheme(cfg: Config) -> Iterator[str]:
+    """`cv.n_repeats` > 1 needs `cv.scheme: repeated` (and `repeated` needs >= 2); `nested` needs
+    a `cv.grid`, and a grid needs `nested` (it wraps any trainer, `linear_probe` included).
+    """
+    cv = cfg.cv
+    if cv.scheme != "repeated" and cv.n_repeats != 1:
+        yield (f"cv.n_repeats={cv.n_repeats} only applies to cv.scheme=repeated. Got cv.scheme={cv.scheme} "
+               "instead. Set cv.scheme=repeated or drop cv.n_repeats.")
+    if cv.scheme == "repeated" and cv.n_repeats < 2:
+        yield (f"The 'n_repeats' parameter of cv.scheme=repeated must be an int >= 2. Got {cv.n_repeats} instead. "
+               "Set e.g. cv.n_repeats=3, or use cv.scheme=kfold.")
+    if cv.scheme == "nested" and not cv.grid:
+        yield ("cv.scheme=nested needs a cv.grid, e.g. `--set 'cv.grid={\"train.lr\": [3e-4, 1e-3]}'`. Got an "
+               "empty grid. Without a grid there is nothing for the inner loop to choose; use cv.scheme=kfold.")
+    if cv.grid and cv.scheme != "nested":
+        yield (f"cv.grid only applies to cv.scheme=nested. Got cv.scheme={cv.scheme} with a grid over "
+               f"{sorted(cv.grid)}. Set cv.scheme=nested, or drop the grid (--set 'cv.grid={{}}').")
+
+
+#: sections a nested-CV grid point may change: the inner loop reuses the decoded images and
+#: the outer scoring settings, so only what one training run reads takes effect
+_GRID_SECTIONS = ("train", "model", "adapt")
+
+
+@_rule
+def _grid_keys(cfg: Config) -> Iterator[str]:
+    """Every `cv.grid` key is a dotted `train.*`, `model.*` or `adapt.*` config key with a
+    non-empty list of values.
+    """
+    for key in sorted(cfg.cv.grid):
+        values = cfg.cv.grid[key]
+        if not values:
+            yield f"cv.grid['{key}'] must be a non-empty list of values. Got {values!r} instead."
+        problem = _grid_key_problem(key)
+        if problem:
+            yield problem
+
+
+def _grid_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a nested-CV grid key, or ``None``."""
+    parts = key.split(".")
+    if parts[0] not in _GRID_SECTIONS:
+        section = parts[0] if parts[0] in Config.model_fields else None
+        if section is None:
+            hint = did_you_mean(key, _dotted_keys())
+            return (f"cv.grid key '{key}' is not a config key.{hint} Grid keys are dotted keys under "
+                    f"{', '.join(_GRID_SECTIONS)}, e.g. 'train.lr'.")
+        return (f"cv.grid key '{key}' cannot be searched: the inner CV reuses the decoded images and the "
+                f"outer scoring settings, so only keys under {', '.join(_GRID_SECTIONS)} take effect. Got a key "
+                f"under '{section}'.")
+    anns: list = [Config]
+    for depth, part in enumerate(parts):
+        models = [m for a in anns for m in _models_in(a)]
+        if not models:
+            return (f"cv.grid key '{key}' goes below '{'.'.join(parts[:depth])}', which is a value, not a "
+                    f"section. Use '{'.'.join(parts[:depth])}'.")
+        anns = [m.model_fields[part].annotation for m in models if part in m.model_fields]
+        if not anns:
+            prefix = ".".join(parts[:depth])
+            valid = sorted({f for m in models for f in m.model_fields})
+            hint = did_you_mean(key, [f"{prefix}.{f}" if prefix else f for f in valid])
+            return (f"cv.grid key '{key}' is not a config key.{hint} Valid keys under '{prefix}': "
+                    f"{', '.join(valid)}.")
+    if any(_models_in(a) for a in anns):
+        model = next(m for a in anns for m in _models_in(a))
+        return (f"cv.grid key '{key}' names a section, not a value. Name a key inside it, e.g. "
+                f"'{key}.{next(iter(model.model_fields))}'.")
+    return None
+
+
+@_rule
+def _linear_probe_has_no_adaptation(cfg: Config) -> Iterator[str]:
+    """`adapt.method` other than `none` needs a fine-tuning strategy, not `linear_probe`."""
+    if cfg.adapt.method != "none" and cfg.train.strategy.name == "linear_probe":
+        yield (f"adapt.method={cfg.adapt.method} does not apply to train.strategy.name=linear_probe: the probe "
+               "fits a scikit-learn head on frozen features and never sees the target site. Set "
+               "adapt.method=none, or pick a fine-tuning strategy (e.g. train.strategy.name=partial).")
+
+
+@_rule
+def _adaptation_target(cfg: Config) -> Iterator[str]:
+    """`adapt.method` other than `none` needs `use_target_unlabelled: true` and one target:
+    `cv.scheme: leave_one_site_out` (each held-out site) or `adapt.target_site`, not both.
+    """
+    a = cfg.adapt
+    if a.method == "none":
+        return
+    if not a.use_target_unlabelled:
+        yield (f"adapt.method={a.method} learns from unlabelled target images, but adapt.use_target_unlabelled "
+               "is false. Set it to true, or adapt.method=none.")
+    loso = cfg.cv.scheme == "leave_one_site_out"
+    if a.target_site is None and not loso:
+        yield (f"adapt.method={a.method} needs a target site. Got cv.scheme={cfg.cv.scheme} and no "
+               "adapt.target_site. Use cv.scheme=leave_one_site_out (each fold's held-out site is the target), "
+               "or set adapt.target_site to the new hospital's site.")
+    if a.target_site is not None and loso:
+        yield (f"adapt.target_site='{a.target_site}' conflicts with cv.scheme=leave_one_site_out, where each "
+               "fold's held-out site is the target (and the named site trains in the other folds). Drop "
+               "adapt.target_site, or use another cv.scheme.")
+
+
+@_rule
+def _threshold_is_binary(cfg: Config) -> Iterator[str]:
+    """`evaluate.threshold` other than `fixed` needs a binary task (when `data.class_names` are
+    given).
+    """
+    names = cfg.data.class_names
+    if cfg.evaluate.threshold != "fixed" and names is not None and len(names) > 2:
+        yield (f"evaluate.threshold={cfg.evaluate.threshold} applies to binary tasks only; data.class_names "
+               f"lists {len(names)} classes. Use evaluate.threshold=fixed (multi-class predictions are the argmax).")
+
+
+@_rule
+def _explain(cfg: Config) -> Iterator[str]:
+    """`explain.methods` are distinct, and the report has cases to explain (`n_correct`,
+    `n_wrong` or `localisation`).
+    """
+    ex = cfg.explain
+    repeated = sorted({m for m in ex.methods if ex.methods.count(m) > 1})
+    if repeated:
+        yield (f"explain.methods must name each method once. Got {list(ex.methods)} ({', '.join(repeated)} "
+               "repeated). Remove the repeats.")
+    if ex.n_correct == 0 and ex.n_wrong == 0 and not ex.localisation:
+        yield ("explain.n_correct and explain.n_wrong are both 0 and explain.localisation is false, so there is "
+               "no case to explain. Set explain.n_correct (or n_wrong) >= 1, or explain.localisation=true.")
+
+
+# -- checks after the rules: grid values (once the keys are sound), optional packages -------
+def _grid_value_problems(cfg: Config) -> Iterator[str]:
+    """Every `cv.grid` value is valid for its key: the config with that value applied passes
+    every check.
+    """
+    for key in sorted(cfg.cv.grid):
+        for value in cfg.cv.grid[key]:
+            raw = cfg.model_dump()
+            raw["cv"].update(scheme="kfold", grid={}, n_repeats=1)
+            node = raw
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node[parts[-1]] = value
+            try:
+                Config.model_validate(raw, context={"check_dependencies": False})
+            except ValidationError as err:
+                for e in err.errors():
+                    if e["type"] == "config_rule":
+                        why = e["msg"].replace("\n", " ")
+                    else:
+                        why = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                    yield f"cv.grid['{key}'] value {value!r} is not valid: {why}"
+
+
+def _module_available(name: str) -> bool:
+    """Whether ``import name`` would find the module (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _dependency_problems(cfg: Config) -> list[str]:
+    """`tracking: mlflow` needs the `mlflow` package (`pip install 'medtl[tracking]'`); checked
+    on load, not after training.
+    """
+    if cfg.tracking == "mlflow" and not _module_available("mlflow"):
+        return ["tracking=mlflow needs the 'mlflow' package, which is not installed. Install it with "
+                "pip install 'medtl[tracking]' (or mlflow-skinny), or set tracking=none."]
+    return []
+
+
+
+# -- walking the schema --------------------------------------------------------------------
+def _alternatives(ann: Any) -> list:
+    """The types an annotation allows: ``X | None`` -> ``[X]``, ``Annotated[X, ...]`` -> ``[X]``."""
+    origin = get_origin(ann)
+    if origin is Annotated:
+        return _alternatives(get_args(ann)[0])
+    if origin is Union or origin is types.UnionType:
+        return [a for arg in get_args(ann) if arg is not type(None) for a in _alternatives(arg)]
+    return [ann]
+
+
+def _models_in(ann: Any) -> list[type[BaseModel]]:
+    """The config sections (pydantic models) an annotation holds directly, e.g. ``LabelsConfig | None``."""
+    return [a for a in _alternatives(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _step(ann: Any, part: str | int) -> list:
+    """The annotations one error-location step below ``ann`` (a field, a list index or a union tag)."""
+    out = []
+    for a in _alternatives(ann):
+        origin = get_origin(a)
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            if str(part) in a.model_fields:
+                out.append(a.model_fields[str(part)].annotation)
+            elif part == a.__name__:  # pydantic tags errors inside a union member with its name
+                out.append(a)
+        elif origin in (list, tuple, set, frozenset) and isinstance(part, int):
+            out.extend(get_args(a)[:1])
+        elif origin is dict:
+            out.append(get_args(a)[1])
+    return out
+
+
+def _section_at(loc: tuple) -> type[BaseModel] | None:
+    """The section (model) at error location ``loc``, e.g. ``("data", "labels")`` -> :class:`LabelsConfig`."""
+    anns: list = [Config]
+    for part in loc:
+        anns = [b for a in anns for b in _step(a, part)]
+    models = [m for a in anns for m in _models_in(a)]
+    return models[0] if models else None
+
+
+def _dotted_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections included (``data``, ``data.path``, ...)."""
+    out = []
+    for name, field in (model or Config).model_fields.items():
+        key = f"{prefix}{name}"
+        out.append(key)
+        for sub in _models_in(field.annotation):
+            out += _dotted_keys(sub, f"{key}.")
+    return out
+
+
+# -- loading -------------------------------------------------------------------------------
 _VAR = re.compile(r"\$\{(\w+)\}")
 
 
@@ -312,37 +858,79 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
+def _is_union_tag(part: str | int) -> bool:
+    """Pydantic names the member of a union an error came from (``WindowSpec``, ``literal['lung',...]``)."""
+    return isinstance(part, str) and (part.startswith("literal[") or any(
+        part == m.__name__ for m in _SECTIONS))
+
+
+def _errors(err: ValidationError) -> list[dict]:
+    """``err.errors()`` without the noise of unions such as ``windows: [{center, width} | preset]``:
+    pydantic reports why a value fits no member; keep the section's errors for a mapping, else the
+    choices' error."""
+    errors = err.errors()
+
+    def tag(e: dict) -> tuple[tuple, str | None]:
+        for i, part in enumerate(e["loc"]):
+            if _is_union_tag(part):
+                return tuple(e["loc"][:i]), ("literal" if str(part).startswith("literal[") else "section")
+        return tuple(e["loc"]), None
+
+    kinds: dict[tuple, set] = {}
+    not_mapping = set()
+    for e in errors:
+        prefix, kind = tag(e)
+        if kind:
+            kinds.setdefault(prefix, set()).add(kind)
+            if kind == "section" and len(e["loc"]) == len(prefix) + 1:  # the value itself is not a mapping
+                not_mapping.add(prefix)
+    keep = []
+    for e in errors:
+        prefix, kind = tag(e)
+        if kind and len(kinds[prefix]) > 1 and (kind == "section") == (prefix in not_mapping):
+            continue
+        keep.append(e)
+    return keep
+
+
 def _format_validation(err: ValidationError, source: str) -> str:
     lines = [f"Invalid config {source}:"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            model = _model_at(e["loc"][:-1])
+    for e in _errors(err):
+        loc = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p))
+        if e["type"] == "config_rule":
+            lines += [f"  - {rule}" for rule in e["msg"].splitlines()]
+        elif e["type"] == "extra_forbidden":
+            model = _section_at(e["loc"][:-1])
             valid = sorted(model.model_fields) if model else []
             hint = did_you_mean(str(e["loc"][-1]), valid)
-            lines.append(f"  - unknown key '{loc}'.{hint} Valid keys here: {', '.join(valid)}.")
+            listing = f" Valid keys here: {', '.join(valid)}." if valid else ""
+            lines.append(f"  - unknown key '{loc}'.{hint}{listing}")
         elif e["type"] == "missing":
             lines.append(f"  - missing required key '{loc}'.")
         else:
             got = e.get("input")
-            lines.append(f"  - '{loc}': {e['msg']}. Got {got!r}.")
+            hint = ""
+            if e["type"] == "literal_error" and isinstance(got, str):
+                hint = did_you_mean(got, re.findall(r"'([^']*)'", str(e.get("ctx", {}).get("expected", ""))))
+            lines.append(f"  - '{loc}': {e['msg']}. Got {got!r}.{hint}")
     lines.append("Fix the YAML file or the --set override named above.")
     return "\n".join(lines)
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = Config
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return model
+def load_config(source: str | Path | dict, overrides: list[str] | None = None, *,
+                check_dependencies: bool = True) -> Config:
+    """Load and validate a config from a YAML file (or a dict), then apply overrides.
 
+    Args:
+        source: a YAML file or an already parsed mapping.
+        overrides: ``--set`` style ``dotted.key=value`` strings (values parsed as YAML).
+        check_dependencies: check that the optional packages the run will use are installed
+            (``tracking: mlflow``). Pass ``False`` when reloading a finished run's config only
+            to read it (predict, explain), where tracking does not run.
 
-def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> Config:
-    """Load and validate a config from a YAML file (or a dict), then apply overrides."""
+    Raises:
+        ConfigError: naming every unknown key, wrong value and broken rule (``rule_descriptions()``).
+    """
     if isinstance(source, dict):
         raw, label = json.loads(json.dumps(source)), "(dict)"
     else:
@@ -359,7 +947,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         label = f"'{path}'"
     raw = apply_overrides(raw, overrides)
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(raw, context={"check_dependencies": check_dependencies})
     except ValidationError as err:
         raise ConfigError(_format_validation(err, label)) from None
 
@@ -378,3 +966,136 @@ def config_hash(cfg: Config) -> str:
     """sha256 of the resolved config (identifies a run's recipe in checkpoints)."""
     blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# -- the reference in docs/config.md -------------------------------------------------------
+_REGENERATE = ('python -c "from medtl.config import config_reference_markdown; '
+               'print(config_reference_markdown())" > docs/config.md')
+_BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="), (annotated_types.Lt, "lt", "<"),
+           (annotated_types.Le, "le", "<="))
+
+
+def _constraints(metadata: list) -> str:
+    out = []
+    for m in metadata:
+        if isinstance(m, FieldInfo):  # Annotated[float, Field(gt=0)]
+            out.append(_constraints(m.metadata))
+            continue
+        for cls, attr, sign in _BOUNDS:
+            if isinstance(m, cls):
+                out.append(f"{sign} {getattr(m, attr)}")
+        if isinstance(m, annotated_types.MinLen):
+            out.append(f"at least {m.min_length} item{'s' if m.min_length > 1 else ''}")
+    return ", ".join(o for o in out if o)
+
+
+def _type_text(ann: Any, metadata: list | None = None) -> str:
+    """A short, Markdown-safe description of a field's type, e.g. ``one of `a`, `b` or null``."""
+    nullable = get_origin(ann) in (Union, types.UnionType) and type(None) in get_args(ann)
+    if get_origin(ann) is Annotated:
+        base, *meta = get_args(ann)
+        return _type_text(base, [*meta, *(metadata or [])])
+    alts = _alternatives(ann)
+    literals = [v for a in alts if get_origin(a) is Literal for v in get_args(a)]
+    parts = []
+    if literals:
+        parts.append("one of " + ", ".join(f"`{v}`" for v in literals))
+    for a in alts:
+        origin = get_origin(a)
+        if origin is Literal:
+            continue
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            parts.append("section" if len(alts) == 1 else "{" + ", ".join(a.model_fields) + "}")
+        elif origin is list:
+            parts.append(f"list of {_type_text(get_args(a)[0])}")
+        elif origin is dict:
+            k, v = get_args(a)
+            parts.append(f"mapping of {_type_text(k)} to {_type_text(v)}")
+        else:
+            parts.append(getattr(a, "__name__", str(a)))
+    text = " or ".join(parts)
+    bounds = _constraints(metadata or [])
+    if bounds:
+        text = f"{text} ({bounds})"
+    return f"{text} or null" if nullable else text
+
+
+def _default_text(field) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "see below"
+    if isinstance(value, str):
+        return f"`{value}`"
+    return f"`{json.dumps(value)}`"
+
+
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _summary(model: type[BaseModel]) -> str:
+    """The first paragraph of a section's docstring, on one line."""
+    doc = (model.__doc__ or "").strip().split("\n\n")[0]
+    doc = re.sub(r":\w+:`", "`", doc)  # Sphinx roles (:mod:`x`) read as plain code in Markdown
+    return " ".join(doc.split()).replace("``", "`")
+
+
+def _section_tables(model: type[BaseModel], prefix: str) -> list[str]:
+    """The table of one section (``prefix`` ``""``: the top level), then its subsections' tables."""
+    title = f"`{prefix.rstrip('.')}`" if prefix else "Top level"
+    lines = [f"## {title}", "", _summary(model), "",
+             "| key | type / choices | default | meaning |", "|---|---|---|---|"]
+    below = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        subs = _models_in(field.annotation)
+        if subs:
+            lines.append(f"| `{key}` | {_cell(_type_text(field.annotation))} | {_cell(_default_text(field))} | "
+                         f"{_cell(field.description or '')}; keys in `{key}` below |")
+            below += _section_tables(subs[0], f"{key}.")
+        else:
+            lines.append(f"| `{key}` | {_cell(_type_text(field.annotation, field.metadata))} | "
+                         f"{_cell(_default_text(field))} | {_cell(field.description or '')} |")
+    return [*lines, "", *below]
+
+
+def config_reference_markdown() -> str:
+    """The Markdown reference of every config key (``docs/config.md``), generated from the schema.
+
+    The rules checked across keys when a config is loaded (``rule_descriptions()``), then one
+    table per section: key, type or choices (with bounds), default, and meaning (the field's
+    ``description``; the section's docstring above its table).
+
+    Example:
+        >>> "| `train.epochs` |" in config_reference_markdown()
+        True
+    """
+    lines = [
+        "# Config reference",
+        "",
+        "<!-- Generated from the schema in medtl/config.py by medtl.config.config_reference_markdown(). "
+        "Do not edit by hand. -->",
+        "",
+        "This file is generated from the pydantic models in `medtl/config.py`; do not edit it by hand. "
+        "After changing the schema, regenerate it with",
+        "",
+        "```bash",
+        _REGENERATE,
+        "```",
+        "",
+        "(`tests/test_config_docs.py` fails while this file and the schema disagree.) A config is a YAML "
+        "file; every key can also be set with `--set dotted.key=value` (the value is parsed as YAML). "
+        "Unknown keys are errors, with the valid keys of their section and a did-you-mean.",
+        "",
+        "## Rules checked when a config is loaded",
+        "",
+        "Besides each key's type and bounds, `load_config` checks these rules across keys and reports "
+        "every broken one at once:",
+        "",
+        *[f"- {text}" for text in rule_descriptions()],
+        "",
+    ]
+    lines += _section_tables(Config, "")
+    return "\n".join(lines).rstrip() + "\n"

@@ -25,20 +25,13 @@ from monai.transforms import (
     Zoom,
 )
 
-from medtl.config import AugmentConfig, IntensityConfig
+from medtl.config import CT_WINDOWS, AugmentConfig, IntensityConfig
 from medtl.errors import ConfigError
 
 __all__ = ["CT_WINDOWS", "MultiWindow", "window_bounds", "window_list", "intensity_transform", "preprocess_transform",
            "augment_transform"]
 
-# (center, width) in HU. Common radiology presets.
-CT_WINDOWS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (40.0, 400.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-    "abdomen": (40.0, 350.0),
-}
+# CT_WINDOWS ((center, width) in HU per preset) is defined once, beside the config's preset names.
 
 
 def window_bounds(cfg: IntensityConfig) -> tuple[float, float]:

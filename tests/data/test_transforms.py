@@ -119,9 +119,9 @@ def test_nifti_volumes_with_spacing(tmp_path):
 
 
 def test_spatial_dims_must_match_image_size(tmp_path):
-    cfg = load_config({"data": {"path": _nifti_manifest(tmp_path, 2), "image_size": [8, 16, 16]}})
+    """Refused when the config is loaded, before any scan is decoded."""
     with pytest.raises(ConfigError, match="spatial_dims=2 .* 3 entries"):
-        prepare(cfg, progress=False)
+        load_config({"data": {"path": _nifti_manifest(tmp_path, 2), "image_size": [8, 16, 16]}})
 
 
 def test_adrenalmnist3d_prepares_as_official_split_volumes(shared_data):
