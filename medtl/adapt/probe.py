@@ -36,12 +36,12 @@ from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from medtl.errors import ConfigError
 from medtl._fastpath import autocast, memory_format, resident
+from medtl.config import PROBE_HEADS
+from medtl.errors import ConfigError
 
 __all__ = ["LinearProbe", "default_cache_dir", "extract_features", "feature_cache_key", "source_probabilities"]
 
-PROBE_HEADS = ("logistic", "mlp")
 
 
 def default_cache_dir() -> Path:

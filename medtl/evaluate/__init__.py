@@ -5,7 +5,12 @@ calibration, DeLong and multi-class statistics, plots. Nothing here trains, load
 run: the workflows (:mod:`medtl.workflows`) do that and call these functions.
 """
 
-from medtl.evaluate.calibration import TemperatureScaler, brier_score, calibration_metrics, expected_calibration_error
+from medtl.evaluate.calibration import (
+    TemperatureScaler,
+    brier_score,
+    calibration_metrics,
+    expected_calibration_error,
+)
 from medtl.evaluate.metrics import (
     METRIC_KEYS,
     THRESHOLD_RULES,
@@ -15,9 +20,19 @@ from medtl.evaluate.metrics import (
     predicted_class,
     youden_threshold,
 )
-from medtl.evaluate.plots import plot_confusion, plot_reliability, plot_roc, plot_training_curves
+from medtl.evaluate.plots import (
+    plot_confusion,
+    plot_reliability,
+    plot_roc,
+    plot_training_curves,
+)
 from medtl.evaluate.splits import check_disjoint_groups, inner_split, outer_splits
-from medtl.evaluate.stats import bootstrap_stat, delong_test, mean_sd, multiclass_metrics
+from medtl.evaluate.stats import (
+    bootstrap_stat,
+    delong_test,
+    mean_sd,
+    multiclass_metrics,
+)
 
 __all__ = ["METRIC_KEYS", "THRESHOLD_RULES", "TemperatureScaler", "bootstrap_ci", "bootstrap_stat", "brier_score",
            "calibration_metrics", "check_disjoint_groups", "choose_threshold", "compute_metrics", "delong_test",

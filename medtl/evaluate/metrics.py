@@ -22,12 +22,13 @@ import numbers
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from medtl.config import THRESHOLD_RULES
 from medtl.errors import ConfigError, DataError
 
 __all__ = ["METRIC_KEYS", "THRESHOLD_RULES", "bootstrap_ci", "choose_threshold", "compute_metrics", "predicted_class",
            "youden_threshold"]
 
-THRESHOLD_RULES: tuple[str, ...] = ("fixed", "youden_val", "sensitivity_val")
+
 
 METRIC_KEYS: tuple[str, ...] = ("auc", "acc", "balanced_acc", "sensitivity", "specificity", "f1")
 

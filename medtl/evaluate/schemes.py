@@ -67,7 +67,11 @@ def leave_one_site_out(sites: np.ndarray, groups: np.ndarray) -> list[tuple[str,
 
 def fold_plan(cfg: Config, y: np.ndarray, groups: np.ndarray, sites: np.ndarray | None = None,
               class_names: list[str] | None = None) -> list[FoldSpec]:
-    """The outer folds of ``cfg.cv.scheme``; the same config gives the same folds."""
+    """The outer folds of ``cfg.cv.scheme``; the same config gives the same folds.
+
+    The config was checked when it was loaded (``n_repeats`` only with ``repeated``, a grid for
+    ``nested``); what is checked here needs the data (sites, groups).
+    """
     cv = cfg.cv
     if cv.scheme == "leave_one_site_out":
         plan = [FoldSpec(f"site{i}", i, 0, tr, te, site=name)
@@ -75,9 +79,6 @@ def fold_plan(cfg: Config, y: np.ndarray, groups: np.ndarray, sites: np.ndarray 
                                                                       np.full(len(y), None), groups))]
     else:
         repeats = cv.n_repeats if cv.scheme == "repeated" else 1
-        if cv.scheme != "repeated" and cv.n_repeats != 1:
-            raise ConfigError(f"cv.n_repeats={cv.n_repeats} only applies to cv.scheme=repeated (got "
-                              f"cv.scheme={cv.scheme}). Set cv.scheme=repeated or drop cv.n_repeats.")
         plan = []
         for r in range(repeats):
             folds = outer_splits(y, groups, n_splits=cv.n_splits, seed=split_seed(cv.seed, r), class_names=class_names)
@@ -86,9 +87,6 @@ def fold_plan(cfg: Config, y: np.ndarray, groups: np.ndarray, sites: np.ndarray 
                 plan.append(FoldSpec(key, k, r, tr, te))
     for r in sorted({f.repeat for f in plan}):
         check_disjoint_groups({f.key: groups[f.test] for f in plan if f.repeat == r})
-    if cv.scheme == "nested" and not cv.grid:
-        raise ConfigError("cv.scheme=nested needs a cv.grid, e.g. `--set 'cv.grid={\"train.lr\": [3e-4, 1e-3]}'`. "
-                          "Without a grid there is nothing for the inner loop to choose; use cv.scheme=kfold.")
     return plan
 
 

@@ -33,14 +33,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from medtl.config import EXPLAIN_METHODS
 from medtl.errors import ConfigError, did_you_mean
 from medtl.explain import _methods
 
 __all__ = ["METHODS", "ALIASES", "SIGNED_METHODS", "ConvergenceWarning", "DELTA_THRESHOLD",
            "explain", "gradcam_layer", "relative_delta", "resolve_method"]
 
-METHODS: tuple[str, ...] = ("gradcam", "guided_gradcam", "ig", "gradient_shap", "occlusion",
-                            "smoothgrad")
+METHODS: tuple[str, ...] = EXPLAIN_METHODS
 ALIASES: dict[str, str] = {"layergradcam": "gradcam", "grad_cam": "gradcam",
                            "guidedgradcam": "guided_gradcam", "integrated_gradients": "ig",
                            "gradientshap": "gradient_shap", "noise_tunnel": "smoothgrad",

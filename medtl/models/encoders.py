@@ -24,9 +24,10 @@ from typing import Literal
 
 from torch import nn
 
+from medtl.config import CHANNEL_MAPPINGS, CONVERSIONS_3D
 from medtl.errors import ConfigError
-from medtl.models._weights import build_network, load_weights, select_layout
 from medtl.models._contract import EncoderContract, MedtlClassifier
+from medtl.models._weights import build_network, load_weights, select_layout
 from medtl.models.inflate import convert_to_3d
 from medtl.models.records import LAYOUTS, resolve_record
 
@@ -34,8 +35,6 @@ __all__ = ["EncoderContract", "MedtlClassifier", "create_encoder", "build_networ
 
 log = logging.getLogger("medtl.models")
 
-CHANNEL_MAPPINGS = ("auto", "repeat", "sum")
-CONVERSIONS_3D = ("inflate", "acs", "slices", "channels")
 
 
 def create_encoder(

@@ -38,14 +38,14 @@ from typing import Literal
 import torch
 from torch import nn
 
+from medtl.config import CONVERSIONS_3D
 from medtl.errors import ConfigError
-from medtl.models._inflate_layers import convert_modules
-from medtl.models._inflate_layers import _is_agnostic as _is_agnostic_root
 from medtl.models._contract import EncoderContract, MedtlClassifier
+from medtl.models._inflate_layers import _is_agnostic as _is_agnostic_root
+from medtl.models._inflate_layers import convert_modules
 
 __all__ = ["CONVERSIONS_3D", "DEPTH_POOLINGS", "Medtl3DClassifier", "convert_to_3d"]
 
-CONVERSIONS_3D = ("inflate", "acs", "slices", "channels")
 DEPTH_POOLINGS = ("mean", "attention")
 
 

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from medtl.models._head import PooledLinearHead
-
 from medtl.models._registry import WeightRecord, register
 
 __all__ = ["DEPTHS", "MedicalNetResNet", "build_medicalnet"]

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from medtl._io import atomic_write_bytes, atomic_write_text, sha256_file

@@ -25,7 +25,14 @@ from torch import nn
 
 from medtl._fastpath import Resident, autocast, batches, memory_format, resident
 from medtl._runtime import resolve_device, seed_everything
-from medtl.adapt.domain import DomainObjective, DomainSetup, adabn, collapse_dsbn, convert_dsbn, domain_context
+from medtl.adapt.domain import (
+    DomainObjective,
+    DomainSetup,
+    adabn,
+    collapse_dsbn,
+    convert_dsbn,
+    domain_context,
+)
 from medtl.adapt.strategies import make_strategy
 from medtl.config import DomainAdaptConfig, TrainConfig
 from medtl.data.batch_augment import BatchAugment

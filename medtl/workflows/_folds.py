@@ -17,9 +17,19 @@ from rich.table import Table
 from medtl._runtime import FoldSeeds, console
 from medtl.config import Config
 from medtl.data.prepare import PreparedData
-from medtl.evaluate.calibration import TemperatureScaler, brier_score, calibration_metrics, expected_calibration_error
+from medtl.evaluate.calibration import (
+    TemperatureScaler,
+    brier_score,
+    calibration_metrics,
+    expected_calibration_error,
+)
 from medtl.evaluate.metrics import bootstrap_ci, choose_threshold, predicted_class
-from medtl.evaluate.plots import plot_confusion, plot_reliability, plot_roc, plot_training_curves
+from medtl.evaluate.plots import (
+    plot_confusion,
+    plot_reliability,
+    plot_roc,
+    plot_training_curves,
+)
 from medtl.evaluate.stats import bootstrap_stat, multiclass_metrics
 from medtl.training.checkpoint import ModelSpec
 from medtl.workflows.rundir import FoldRecord, PredictionRow, RunDir

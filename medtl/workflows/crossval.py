@@ -32,9 +32,9 @@ from medtl.workflows._folds import (
     fit_fold,
     prediction_rows,
     print_summary,
-    start,
     score,
     score_per_site,
+    start,
     track,
     write_plots,
 )

@@ -32,12 +32,21 @@ from medtl.data.prepare import load_cases, load_mask, prepare
 from medtl.errors import MedtlError
 from medtl.explain import _plots
 from medtl.explain._summary import localisation_summary, merge_randomization, notes
-from medtl.explain.attribution import ConvergenceWarning, explain, gradcam_layer, relative_delta
+from medtl.explain.attribution import (
+    ConvergenceWarning,
+    explain,
+    gradcam_layer,
+    relative_delta,
+)
 from medtl.explain.export import save_nifti
 from medtl.explain.faithfulness import deletion_insertion, summarize_faithfulness
 from medtl.explain.overlay import montage_png, panel_png
 from medtl.explain.report import write_report
-from medtl.explain.sanity import RANDOMIZATION_THRESHOLD, mask_agreement, randomization_check
+from medtl.explain.sanity import (
+    RANDOMIZATION_THRESHOLD,
+    mask_agreement,
+    randomization_check,
+)
 from medtl.workflows.rundir import PredictionRow, RunDir
 
 __all__ = ["explain_run", "select_cases"]

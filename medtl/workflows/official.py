@@ -19,7 +19,16 @@ from medtl.config import Config
 from medtl.data.prepare import PreparedData
 from medtl.errors import DataError
 from medtl.evaluate.metrics import compute_metrics
-from medtl.workflows._folds import FoldContext, fit_fold, prediction_rows, print_summary, score, start, track, write_plots
+from medtl.workflows._folds import (
+    FoldContext,
+    fit_fold,
+    prediction_rows,
+    print_summary,
+    score,
+    start,
+    track,
+    write_plots,
+)
 from medtl.workflows.trainers import FineTune, LinearProbe
 
 __all__ = ["train"]

@@ -28,7 +28,12 @@ from rich.table import Table
 
 from medtl._io import atomic_write_text, write_json
 from medtl._runtime import console, resolve_device, seed_everything
-from medtl.adapt.probe import default_cache_dir, extract_features, feature_cache_key, source_probabilities
+from medtl.adapt.probe import (
+    default_cache_dir,
+    extract_features,
+    feature_cache_key,
+    source_probabilities,
+)
 from medtl.adapt.transferability import leep, logme, probe_auc
 from medtl.config import Config
 from medtl.data.prepare import PreparedData, prepare
@@ -36,8 +41,6 @@ from medtl.errors import ConfigError
 from medtl.models.encoders import create_encoder
 from medtl.models.records import resolve_record
 from medtl.workflows.rundir import RunDir
-
-
 
 __all__ = ["parse_candidate", "rank"]
 

@@ -41,7 +41,13 @@ from medtl._version import __version__
 from medtl.config import Config, config_hash, dump_config, load_config
 from medtl.data.privacy import Pseudonymizer
 from medtl.errors import ConfigError, MedtlError
-from medtl.training.checkpoint import CorruptCheckpointError, ModelSpec, load_checkpoint, save_checkpoint, verify_checkpoint
+from medtl.training.checkpoint import (
+    CorruptCheckpointError,
+    ModelSpec,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 
 __all__ = ["FoldKey", "FoldRecord", "PredictionRow", "RunDir", "RunMetrics"]
 
@@ -207,7 +213,8 @@ class RunDir:
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
             recorded = raw.get("_config_hash")
-            now = config_hash(load_config({k: v for k, v in raw.items() if not str(k).startswith("_")}))
+            now = config_hash(load_config({k: v for k, v in raw.items() if not str(k).startswith("_")},
+                                          check_dependencies=False))
         except (MedtlError, OSError, yaml.YAMLError, AttributeError, UnicodeDecodeError):
             return None, None  # unreadable or no longer valid: a different config
         return recorded, now
@@ -264,7 +271,9 @@ class RunDir:
             raw = yaml.safe_load((self.path / self.CONFIG).read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"'{self.path / self.CONFIG}' cannot be read ({exc}).") from None
-        return load_config({k: v for k, v in raw.items() if not str(k).startswith("_")}, overrides)
+        # a finished run is read back even where an optional extra it logged to (MLflow) is not installed
+        return load_config({k: v for k, v in raw.items() if not str(k).startswith("_")}, overrides,
+                           check_dependencies=False)
 
     def read_metrics(self) -> RunMetrics:
         self.require(self.METRICS)

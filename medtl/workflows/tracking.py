@@ -60,7 +60,7 @@ def log_run(cfg: Config, run: RunDir, metrics: dict) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or (run.path.resolve().parent / "mlruns").as_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.name)
-    with mlflow.start_run(run_name=run.path.name) as run:
+    with mlflow.start_run(run_name=run.path.name) as active:
         params = _flatten(cfg.model_dump(mode="json", exclude={"data": {"path"}}))
         mlflow.log_params(params)
         mlflow.log_metrics(_headline(metrics))
@@ -69,4 +69,4 @@ def log_run(cfg: Config, run: RunDir, metrics: dict) -> str:
                 mlflow.log_artifact(str(f))
             else:
                 mlflow.log_artifacts(str(f), artifact_path=f.name)
-        return run.info.run_id
+        return active.info.run_id

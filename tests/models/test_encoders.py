@@ -171,10 +171,10 @@ def test_3d_weights_on_2d_data_is_a_clear_error():
 
 def test_2d_weights_on_3d_data_delegate_to_convert_to_3d(monkeypatch):
     """The agreed hook: convert_to_3d(model2d, method=conversion_3d) with in_chans/num_classes already set."""
-    import medtl.models.inflate as inflate
+    import medtl.models.encoders as encoders
 
     calls = []
-    monkeypatch.setattr(inflate, "convert_to_3d", lambda m, method, depth=None: calls.append((m, method)) or "3d")
+    monkeypatch.setattr(encoders, "convert_to_3d", lambda m, method, depth=None: calls.append((m, method)) or "3d")
     out = create_encoder("tf_efficientnet_lite0", pretrained=False, spatial_dims=3, in_chans=1, num_classes=4,
                          conversion_3d="acs")
     assert out == "3d" and calls[0][1] == "acs"
