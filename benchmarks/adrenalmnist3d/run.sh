@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# AdrenalMNIST3D official split (1188 train / 98 val / 298 test), 3D, CPU. Reproduces the rows of README.md.
+# AdrenalMNIST3D official split (1188 train / 98 val / 298 test), 3D, CPU: the rows of README.md.
 # Runs are sequential and each holds the shared CPU lock; each prints wall time, load and test AUC/ACC with 95% CIs.
 # Usage: bash benchmarks/adrenalmnist3d/run.sh [OUT_DIR] [ROW ...]     e.g. ... /tmp/adr inflate scratch
 # Rows: inflate (configs/adrenalmnist3d.yaml as is: ImageNet Lite0, I3D-inflated), scratch (same 3D net, random
-# init), acs (ImageNet Lite0 with ACS convolutions). create_encoder now starts new heads at N(0, 0.01); the README's
-# rows were produced before that by train_headfix.py (the same re-initialisation as a wrapper):
-# MEDTL_TRAIN="python benchmarks/adrenalmnist3d/train_headfix.py" reruns them exactly as they were made.
+# init), acs (ImageNet Lite0 with ACS convolutions). MEDTL_TRAIN replaces the training command (default
+# `python -m medtl train`).
 set -euo pipefail
 out=${1:-/tmp/medtl-bench-adrenalmnist3d}
 shift || true

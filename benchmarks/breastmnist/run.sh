@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# BreastMNIST official split (546 train / 78 val / 156 test), CPU. Reproduces every row of README.md.
+# BreastMNIST official split (546 train / 78 val / 156 test), CPU: the runs of README.md.
 # Runs are sequential (one training at a time); each prints wall time, load and test AUC/ACC with 95% CIs.
 # Usage: bash benchmarks/breastmnist/run.sh [OUT_DIR] [ROW ...]     e.g. ... /tmp/bm recipe scratch
 # Rows: recipe (configs/breastmnist.yaml as is, 20 epochs), e12, e16 (epochs), scratch12 / scratch (no ImageNet, 12 / 20 epochs).
-# All rows run about 29 s per epoch on 2 free cores, so the five take about 40 min in total.
 set -euo pipefail
 out=${1:-/tmp/medtl-bench-breastmnist}
 shift || true
@@ -30,7 +29,7 @@ for r in "${rows[@]}"; do
     case $r in
         recipe)    run recipe ;;                                          # configs/breastmnist.yaml as is (20 epochs)
         scratch12) run scratch12 --set train.epochs=12 --set model.pretrained=false ;;
-        scratch)   run scratch --set model.pretrained=false ;;            # 20 epochs; not measured yet
+        scratch)   run scratch --set model.pretrained=false ;;            # 20 epochs
         e12)       run e12 --set train.epochs=12 ;;
         e16)       run e16 --set train.epochs=16 ;;
         *) echo "unknown row '$r' (recipe, scratch12, scratch, e12, e16)" >&2; exit 2 ;;

@@ -7,10 +7,10 @@ resume finished folds). Writes ``results/<preset>-<device-tag>.json`` and ``.md`
 Cases:
 * ``breastmnist``: ``configs/breastmnist.yaml --set data.split=pooled`` (780 images, pooled
   5-fold). Preset ``cpu``: 64 px, tf_efficientnet_lite0, 3 epochs, batch 32 (a CPU-affordable
-  setting, not the issue's spec). Preset ``gpu``: resnet50 (random init: weights do not change
+  setting). Preset ``gpu``: resnet50 (random init: weights do not change
   speed and the GPU machine has no network), 224 px, 30 epochs, batch 128, ``train.device=cuda``.
 * ``ct``: ``configs/ct_contrast.yaml`` as configured (100 CT slices, 128 px, 10 epochs); the
-  ``gpu`` preset adds ``train.device=cuda``. Its peak RSS is the memory figure of issue 7.
+  ``gpu`` preset adds ``train.device=cuda``.
 
 Usage:
     python benchmarks/cv_walltime/bench.py                      # preset cpu, both cases

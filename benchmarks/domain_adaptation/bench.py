@@ -30,7 +30,8 @@ from medtl.data.prepare import prepare
 from medtl.data.shift import scanner_shift
 from medtl.evaluate.metrics import bootstrap_ci
 from medtl.models.encoders import create_encoder
-from medtl.train.loop import fit, predict_proba, resolve_device, seed_everything
+from medtl._runtime import resolve_device, seed_everything
+from medtl.training.loop import fit, predict_proba
 
 METHODS = ("none", "adabn", "dsbn", "dann", "mmd", "coral")
 

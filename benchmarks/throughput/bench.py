@@ -11,7 +11,7 @@ train images ``(546, 1, 28, 28)`` scaled to [0, 1] and upsampled once with MONAI
   ``AugmentConfig``), ``DataLoader(num_workers=W, shuffle, pin_memory on CUDA)``, default
   AdamW, plain NCHW, ``torch.autocast`` fp16 + ``GradScaler`` on CUDA (fp32 on CPU),
   ``loss.item()`` per step.
-* **medtl**: ``medtl.train.loop.fit`` with ``train.augment.backend`` = ``torch`` (batched,
+* **medtl**: ``medtl.training.loop.fit`` with ``train.augment.backend`` = ``torch`` (batched,
   device-resident) and/or ``monai`` (per-sample MONAI), reading ``train_seconds`` /
   ``train_images_per_s`` from ``FitResult.history`` (validation excluded).
 
@@ -146,9 +146,9 @@ class _StepClock:
 
 
 def run_medtl(args, x, y, xv, yv, device: torch.device, backend: str, epochs: int) -> dict:
-    """Per-epoch ``(images, seconds)`` of ``medtl.train.loop.fit``; epoch 1 is warm-up."""
+    """Per-epoch ``(images, seconds)`` of ``medtl.training.loop.fit``; epoch 1 is warm-up."""
     from medtl.config import AugmentConfig, TrainConfig
-    from medtl.train.loop import fit
+    from medtl.training.loop import fit
 
     aug = {}
     if "backend" in AugmentConfig.model_fields:
