@@ -48,10 +48,10 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
         a = json.loads((tmp_path / "one" / "folds" / f"fold{k}.json").read_text())
         b = json.loads((tmp_path / "two" / "folds" / f"fold{k}.json").read_text())
         assert a["test_ids"] == b["test_ids"]
-        la = [h["train_loss"] for h in a["history"]]
-        lb = [h["train_loss"] for h in b["history"]]
+        la = [h["train_loss"] for h in a["info"]["history"]]
+        lb = [h["train_loss"] for h in b["info"]["history"]]
         # rank 0 logs its own share's loss; the validation results are global
-        assert np.allclose([h["val_loss"] for h in a["history"]], [h["val_loss"] for h in b["history"]], atol=1e-3)
+        assert np.allclose([h["val_loss"] for h in a["info"]["history"]], [h["val_loss"] for h in b["info"]["history"]], atol=1e-3)
         assert np.allclose(np.array(a["proba"]), np.array(b["proba"]), atol=1e-3), (la, lb)
     ma = json.loads((tmp_path / "one" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "two" / "metrics.json").read_text())
