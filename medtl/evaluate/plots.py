@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.lines
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -24,8 +25,12 @@ from medtl.errors import DataError
 __all__ = ["plot_roc", "plot_confusion", "plot_training_curves", "plot_reliability"]
 
 _DPI = 110
-# history keys that are bookkeeping, not curves
-_NOT_CURVES = {"epoch", "fold", "step", "lr", "time", "seconds", "elapsed_s"}
+# history keys (or their quantity, the key without "train_"/"val_") that are bookkeeping, not curves
+_NOT_CURVES = {"epoch", "fold", "step", "lr", "time", "seconds", "elapsed_s", "images_per_s", "repeat"}
+_QUANTITY_TITLES = {"loss": "Loss", "auc": "AUC", "acc": "Accuracy", "balanced_acc": "Balanced accuracy"}
+# larger text for figures shown scaled down in the HTML report
+_READABLE = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "xtick.labelsize": 11,
+             "ytick.labelsize": 11, "legend.fontsize": 11}
 
 
 def plot_roc(
@@ -154,11 +159,15 @@ def plot_confusion(
 
 
 def plot_training_curves(history: list[dict], path: str | Path, *, title: str = "Training") -> Path:
-    """Plot loss and metric curves per epoch, one line per fold, to a PNG file.
+    """Plot the per-epoch curves of a run to a PNG file: one panel per quantity.
 
-    Keys containing ``"loss"`` go in the left panel; other numeric keys (``val_auc``,
-    ``val_acc``, ...; not ``epoch``/``fold``/``lr``) go in the right panel. Training
-    series are solid, validation series dashed.
+    Series are grouped by quantity, the key without its ``train_``/``val_`` prefix:
+    ``train_loss`` and ``val_loss`` share the "loss" panel, ``val_auc`` gets an "auc"
+    panel, and so on. Each series has one colour (training solid, validation dashed);
+    every fold is a thin, faint line and the mean over the folds a thick one, so the
+    figure stays readable with 5, 10 or 25 folds. Bookkeeping keys (``epoch``, ``fold``,
+    ``lr``, ``train_seconds``, ``train_images_per_s``, ...) are not plotted. Panels are
+    laid out two per row from three quantities on, with the legend in a spare cell.
 
     Args:
         history: per-epoch dicts, e.g. ``{"epoch": 1, "train_loss": 0.6,
@@ -177,37 +186,80 @@ def plot_training_curves(history: list[dict], path: str | Path, *, title: str = 
     if not isinstance(history, (list, tuple)) or not history or not all(isinstance(h, dict) for h in history):
         raise DataError("plot_training_curves expects a non-empty list of per-epoch dicts, e.g. "
                         "[{'epoch': 1, 'train_loss': 0.6, 'val_auc': 0.8}]. Got an empty or invalid history.")
-    keys: list[str] = []
+    panels: dict[str, list[str]] = {}  # quantity -> its series keys, in first-seen order
     for rec in history:
         for key, val in rec.items():
-            if key not in _NOT_CURVES and key not in keys and _is_number(val):
+            quantity = _quantity(key)
+            if key in _NOT_CURVES or quantity in _NOT_CURVES or not _is_number(val):
+                continue
+            keys = panels.setdefault(quantity, [])
+            if key not in keys:
                 keys.append(key)
-    loss_keys = [k for k in keys if "loss" in k]
-    metric_keys = [k for k in keys if "loss" not in k]
-    panels = [(ks, lab) for ks, lab in ((loss_keys, "loss"), (metric_keys, "metric")) if ks]
     if not panels:
         raise DataError("plot_training_curves: the history holds no numeric series to plot "
                         "(expected keys such as 'train_loss', 'val_loss', 'val_auc').")
-    folds = sorted({rec.get("fold", 0) for rec in history}, key=str)
-    colours = matplotlib.colormaps["tab10"]
-    fig, axes = _subplots(1, len(panels), (5.5 * len(panels), 4.2))
-    for ax, (panel_keys, ylabel) in zip(axes[0], panels):
-        for f_i, fold in enumerate(folds):
-            recs = [r for r in history if r.get("fold", 0) == fold]
-            for s_i, key in enumerate(panel_keys):
-                pts = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(recs) if _is_number(r.get(key))]
-                if not pts:
-                    continue
-                x, v = zip(*pts)
-                label = key if len(folds) == 1 else f"fold {fold} {key}"
-                ax.plot(x, v, color=colours((f_i * len(panel_keys) + s_i) % 10 if len(folds) == 1 else f_i % 10),
-                        linestyle="--" if key.startswith("val") else "-", marker="o" if len(x) < 30 else None,
-                        markersize=3, linewidth=1.4, label=label)
-        ax.set(xlabel="epoch", ylabel=ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=1 if len(folds) * len(panel_keys) <= 8 else 2)
-    fig.suptitle(title)
-    return _save(fig, path)
+    if "loss" in panels:  # the loss first, as the eye expects
+        panels = {"loss": panels.pop("loss"), **panels}
+    folds = list(dict.fromkeys(rec.get("fold", 0) for rec in history))
+    n = len(panels)
+    cols = n if n < 3 else 2
+    rows = math.ceil(n / cols)
+    series = list(dict.fromkeys(k for keys in panels.values() for k in keys))
+    colours = {key: matplotlib.colormaps["tab10"](i % 10) for i, key in enumerate(series)}
+    with matplotlib.rc_context(_READABLE):
+        fig, axes = _subplots(rows, cols, (5.0 * cols if cols > 1 else 6.0, 3.6 * rows + 0.5))
+        for ax, (quantity, keys) in zip(axes.flat, panels.items()):
+            for key in keys:
+                _plot_series(ax, history, folds, key, colours[key])
+            ax.set_title(_QUANTITY_TITLES.get(quantity, quantity.replace("_", " ")))
+            ax.set_xlabel("epoch")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+        handles = [matplotlib.lines.Line2D([], [], color=colours[k], lw=2.4, ls=_style(k)) for k in series]
+        labels = [k.replace("_", " ") + (" (mean of folds)" if len(folds) > 1 else "") for k in series]
+        if len(folds) > 1:
+            handles.append(matplotlib.lines.Line2D([], [], color="grey", lw=0.9, alpha=0.6))
+            labels.append(f"single folds ({len(folds)})")
+        spare = list(axes.flat)[n:]
+        if spare:  # the legend fills the empty cell of the grid
+            for ax in spare:
+                ax.axis("off")
+            spare[0].legend(handles, labels, loc="center", frameon=False)
+        else:
+            fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), frameon=False)
+        fig.suptitle(title, fontsize="x-large")
+        return _save(fig, path)
+
+
+def _quantity(key: str) -> str:
+    """``train_loss`` -> ``loss``; ``val_auc`` -> ``auc``; ``train_seconds`` -> ``seconds``."""
+    for prefix in ("train_", "val_", "valid_", "test_"):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _style(key: str) -> str:
+    return "--" if key.startswith(("val", "test")) else "-"
+
+
+def _plot_series(ax: object, history: list[dict], folds: list, key: str, colour: object) -> None:
+    """One series: a thin line per fold and, with several folds, their mean as a thick line."""
+    per_epoch: dict[float, list[float]] = {}
+    for fold in folds:
+        recs = [r for r in history if r.get("fold", 0) == fold]
+        pts = [(r.get("epoch", i + 1), float(r[key])) for i, r in enumerate(recs) if _is_number(r.get(key))]
+        if not pts:
+            continue
+        for x, v in pts:
+            per_epoch.setdefault(x, []).append(v)
+        if len(folds) > 1:
+            x, v = zip(*pts)
+            ax.plot(x, v, color=colour, ls=_style(key), lw=0.9, alpha=0.45)
+    if per_epoch:
+        x = sorted(per_epoch)
+        ax.plot(x, [float(np.mean(per_epoch[e])) for e in x], color=colour, ls=_style(key), lw=2.4,
+                marker="o" if len(x) <= 20 else None, markersize=4)
 
 
 # --------------------------------------------------------------------------- helpers

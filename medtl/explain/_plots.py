@@ -18,7 +18,7 @@ def randomization_plot(results: dict[str, dict], threshold: float) -> bytes:
 
     ``results``: method -> merged :func:`~medtl.explain.sanity.randomization_check` result.
     """
-    fig = Figure(figsize=(9.0, 3.4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(10.0, 4.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax_rho, ax_ssim = fig.subplots(1, 2)
     labels: list[str] = []
@@ -32,19 +32,20 @@ def randomization_plot(results: dict[str, dict], threshold: float) -> bytes:
     ax_rho.axhline(threshold, color="grey", ls="--", lw=1, label=f"pass below {threshold:g}")
     for ax, what in ((ax_rho, "mean |Spearman rho|"), (ax_ssim, "mean SSIM")):
         ax.set_ylim(-0.05, 1.05)
-        ax.set_ylabel(what, fontsize=9)
+        ax.set_ylabel(what, fontsize=11)
         ax.set_xticks(np.arange(1, len(labels) + 1), [_short(l) for l in labels], rotation=30,
-                      ha="right", fontsize=7)
-        ax.set_xlabel("randomised from the top down to (cumulative)", fontsize=8)
+                      ha="right", fontsize=10)
+        ax.set_xlabel("randomised from the top down to (cumulative)", fontsize=10)
+        ax.tick_params(axis="y", labelsize=10)
         ax.grid(alpha=0.3)
-    ax_rho.legend(fontsize=7)
-    fig.suptitle("Model-parameter randomisation: similarity to the trained model's maps", fontsize=10)
+    ax_rho.legend(fontsize=10)
+    fig.suptitle("Model-parameter randomisation: similarity to the trained model's maps", fontsize=12)
     return _png(fig)
 
 
 def faithfulness_plot(curves: dict[str, list[dict]]) -> bytes:
     """Mean deletion and insertion curves per method, dashed: the random pixel order."""
-    fig = Figure(figsize=(9.0, 3.4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(10.0, 4.0), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax_del, ax_ins = fig.subplots(1, 2)
     colors = {}
@@ -60,12 +61,13 @@ def faithfulness_plot(curves: dict[str, list[dict]]) -> bytes:
                     lw=1)
     for ax, what in ((ax_del, "Deletion (lower area = more faithful)"),
                      (ax_ins, "Insertion (higher area = more faithful)")):
-        ax.set_title(what, fontsize=9)
-        ax.set_xlabel("fraction of pixels removed / restored, highest attribution first", fontsize=8)
-        ax.set_ylabel("probability of the explained class", fontsize=8)
+        ax.set_title(what, fontsize=12)
+        ax.set_xlabel("fraction of pixels removed / restored,\nhighest attribution first", fontsize=10)
+        ax.set_ylabel("probability of the explained class", fontsize=10)
+        ax.tick_params(labelsize=10)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    ax_del.legend(fontsize=7, title="dotted: random order", title_fontsize=7)
+    ax_del.legend(fontsize=10, title="dotted: random order", title_fontsize=10)
     return _png(fig)
 
 

@@ -199,22 +199,22 @@ def montage_png(
             ax.imshow(np.ma.masked_less(_cut(heat, axis, k), _HIDE_BELOW), cmap=cmap, vmin=0.0,
                       vmax=1.0, alpha=alpha, interpolation="nearest", aspect="auto")
             _draw_mask(ax, None if roi is None else _cut(roi, axis, k))
-            ax.set_title(f"{plane} {k + 1}/{vol.shape[axis]}", fontsize=8)
+            ax.set_title(f"{plane} {k + 1}/{vol.shape[axis]}", fontsize=10)
         ax = axes[row, n_slices]
         ax.imshow(vol.max(axis=axis), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
                   aspect="auto")
         mip = ax.imshow(np.ma.masked_less(heat.max(axis=axis), _HIDE_BELOW), cmap=cmap, vmin=0.0,
                         vmax=1.0, alpha=alpha, interpolation="nearest", aspect="auto")
         _draw_mask(ax, None if roi is None else roi.any(axis=axis))
-        ax.set_title(f"{plane} MIP", fontsize=8, fontweight="bold")
+        ax.set_title(f"{plane} MIP", fontsize=10, fontweight="bold")
     for ax in axes.ravel():
         ax.set_axis_off()
     bar = fig.colorbar(mip, ax=axes[:, -1], fraction=0.08, pad=0.02, ticks=[0.0, 0.5, 1.0])
     bar.solids.set_alpha(1.0)
-    bar.ax.tick_params(labelsize=7)
-    bar.set_label("relative |attribution|", fontsize=7)
+    bar.ax.tick_params(labelsize=9)
+    bar.set_label("relative |attribution|", fontsize=9)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=12)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
     return buf.getvalue()
@@ -243,23 +243,23 @@ def _render(img: np.ndarray, maps: dict[str, np.ndarray], roi: np.ndarray | None
     axes = fig.subplots(1, n, squeeze=False)[0]
     if show_image:
         axes[0].imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        axes[0].set_title("image", fontsize=10)
+        axes[0].set_title("image", fontsize=12)
         _draw_mask(axes[0], roi)
     for ax, (name, m) in zip(axes[int(show_image):], maps.items()):
         ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         heat = ax.imshow(np.ma.masked_less(m, _HIDE_BELOW), cmap=cmap, vmin=0.0, vmax=1.0,
                          alpha=alpha, interpolation="nearest")
         if name:
-            ax.set_title(METHOD_TITLES.get(name.lower(), name), fontsize=10)
+            ax.set_title(METHOD_TITLES.get(name.lower(), name), fontsize=12)
         _draw_mask(ax, roi)
         bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.02, ticks=[0.0, 0.5, 1.0])
         bar.solids.set_alpha(1.0)
-        bar.ax.tick_params(labelsize=7)
-        bar.set_label("relative |attribution|", fontsize=7)
+        bar.ax.tick_params(labelsize=9)
+        bar.set_label("relative |attribution|", fontsize=9)
     for ax in axes:
         ax.set_axis_off()
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=12)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
     return buf.getvalue()

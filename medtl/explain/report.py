@@ -41,6 +41,7 @@ METRIC_SECTION_TITLES: dict[str, str] = {
     "val": "Validation split",
 }
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_WIDE_PX = 800  # plots at least this many pixels wide get a row of their own (shown larger)
 
 
 def _norm_key(key: object) -> str:
@@ -111,12 +112,11 @@ def write_report(
         "run_info": _items(run_info, withheld),
         "metric_tables": _metric_tables(metrics),
         "fold_table": _fold_table(metrics),
-        "plots": [{"caption": str(k), "src": _data_uri(_read_png(k, v))} for k, v in plots.items()],
+        "plots": [_plot_view(k, v) for k, v in plots.items()],
         "randomization": _randomization_view(randomization),
         "faithfulness": _faithfulness_view(faithfulness),
         "localisation": _localisation_view(localisation),
-        "check_plots": [{"caption": str(k), "src": _data_uri(_read_png(k, v))}
-                        for k, v in (check_plots or {}).items()],
+        "check_plots": [_plot_view(k, v) for k, v in (check_plots or {}).items()],
         "notes": [str(n) for n in (notes or [])],
     }
     views = [_case_view(i, c, withheld) for i, c in enumerate(cases)]
@@ -288,25 +288,58 @@ def _metric_tables(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _fold_table(metrics: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Per-fold table: one row per fold, one column per scalar metric."""
+    """Per-fold table: one row per fold, one column per scalar metric that tells folds apart.
+
+    So that the table fits the page, columns with no value in any fold (e.g. ``site`` outside
+    leave-site-out CV) are dropped, and columns with the same value in every fold (``repeat``,
+    a fixed ``threshold``) are listed once under the table (``constant``) instead. ``summary``
+    holds a ``mean`` and an ``sd`` row over the folds for the columns with fractional values.
+    """
     folds = (metrics or {}).get("folds")
     if not isinstance(folds, Sequence) or not folds:
         return None
+    folds = [f if isinstance(f, Mapping) else {} for f in folds]
+
+    def value(fold: Mapping[str, Any], name: str) -> object:
+        v = fold.get(name)
+        return v.get("value") if isinstance(v, Mapping) else v
+
     columns: list[str] = []
     for fold in folds:
-        for name, value in (fold.items() if isinstance(fold, Mapping) else ()):
-            value = value.get("value") if isinstance(value, Mapping) else value
-            if name != "fold" and _is_scalar(value) and name not in columns:
+        for name in fold:
+            if name != "fold" and _is_scalar(value(fold, name)) and name not in columns:
                 columns.append(str(name))
-    rows = []
-    for i, fold in enumerate(folds):
-        fold = fold if isinstance(fold, Mapping) else {}
-        cells = []
-        for name in columns:
-            value = fold.get(name)
-            cells.append(_fmt(value.get("value") if isinstance(value, Mapping) else value))
-        rows.append((_fmt(fold.get("fold", i)), cells))
-    return {"columns": columns, "rows": rows}
+    shown, constant = [], []
+    for name in columns:
+        cells = [_fmt(value(f, name)) for f in folds]
+        if all(c == "—" for c in cells):
+            continue  # never set: nothing to show
+        if len(folds) > 1 and len(set(cells)) == 1:
+            constant.append((name, cells[0]))
+        else:
+            shown.append(name)
+    rows = [(_fmt(f.get("fold", i)), [_fmt(value(f, name)) for name in shown]) for i, f in enumerate(folds)]
+    summary = []
+    if len(folds) > 1:
+        reals = {name: [float(v) for v in (value(f, name) for f in folds) if _is_real(v)] for name in shown}
+        fractional = {name for name, vs in reals.items() if any(not v.is_integer() for v in vs)}
+        if fractional:
+            summary.append(("mean", [_fmt(np.mean(reals[n])) if n in fractional else "" for n in shown]))
+            summary.append(("sd", [_fmt(np.std(reals[n], ddof=1)) if n in fractional and len(reals[n]) > 1
+                                   else "" for n in shown]))
+    return {"columns": shown, "rows": rows, "summary": summary, "constant": constant}
+
+
+def _is_real(value: object) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(float(value)))
+
+
+def _plot_view(caption: object, source: str | Path | bytes) -> dict[str, Any]:
+    """Template view of one plot: its data URI, caption, and whether it needs a full row."""
+    png = _read_png(caption, source)
+    width = int.from_bytes(png[16:20], "big") if len(png) >= 24 else 0  # the IHDR chunk
+    return {"caption": str(caption), "src": _data_uri(png), "wide": width >= _WIDE_PX}
 
 
 def _read_png(caption: object, source: str | Path | bytes) -> bytes:

@@ -92,6 +92,20 @@ def test_plot_training_curves_per_fold(tmp_path):
         plot_training_curves([{"epoch": 1, "fold": 0}], tmp_path / "none.png")
 
 
+def test_plot_training_curves_many_folds_one_panel_per_quantity(tmp_path):
+    """train/val series of one quantity share a panel; bookkeeping keys are not drawn."""
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_auc": 0.5 + e / 30,
+                "lr": 1e-3, "fold": f"fold{f}"} for f in range(10) for e in range(1, 13)]
+    plain = plot_training_curves(history, tmp_path / "plain.png").read_bytes()
+    timed = [dict(h, train_seconds=3.0 + h["epoch"], train_images_per_s=40.0 * h["epoch"]) for h in history]
+    assert plot_training_curves(timed, tmp_path / "timed.png").read_bytes() == plain
+    width, height = _assert_png(tmp_path / "plain.png")
+    assert width >= 1000 and width / height > 2  # two panels (loss, auc) side by side
+    three = [dict(h, val_acc=0.5 + h["epoch"] / 40) for h in history]
+    w3, h3 = _assert_png(plot_training_curves(three, tmp_path / "three.png"))
+    assert w3 == width and h3 > 1.5 * height  # a 2 x 2 grid, the legend in the spare cell
+
+
 def test_plots_leave_no_open_figures_and_keep_the_backend(tmp_path):
     import matplotlib
     import matplotlib.pyplot as plt

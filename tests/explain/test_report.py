@@ -269,3 +269,30 @@ def test_template_ships_as_package_data() -> None:
     assert "Content-Security-Policy" in text
     expressions = re.findall(r"\{\{(.*?)\}\}", text, re.S)
     assert expressions and not any(re.search(r"\|\s*safe\b", e) for e in expressions)
+
+
+def test_fold_table_fits_the_page(tmp_path: Path) -> None:
+    """Never-set and same-in-every-fold columns leave the per-fold table (the latter are named
+    under it); a mean and an sd row summarise the fractional columns, with 3 decimals."""
+    folds = [{"fold": f"fold{f}", "repeat": 0, "site": None, "temperature": float("nan"),
+              "n_test": 20 + f, "threshold": 0.5, "auc": 0.8 + 0.05 * f, "confusion": [[1]]}
+             for f in range(3)]
+    html = _write(tmp_path, metrics={"folds": folds, "pooled": KFOLD_METRICS["pooled"]})
+    table = html[html.index('id="metrics-folds"'):]
+    table = table[: table.index("</table>")]
+    for gone in ("repeat", "site", "temperature", "threshold", "confusion"):
+        assert gone not in table, gone
+    assert "n_<wbr>test" in table and ">fold2<" in table and ">0.900<" in table
+    foot = table[table.index("<tfoot>"):]
+    assert ">mean<" in foot and ">0.850<" in foot and ">sd<" in foot and ">0.050<" in foot
+    constant = html[html.index('id="metrics-folds-constant"'):]
+    assert "repeat 0, threshold 0.500." in constant[: constant.index("</p>")]
+
+
+def test_wide_plots_get_a_row_of_their_own(tmp_path: Path) -> None:
+    wide = Figure(figsize=(10, 3), dpi=100)
+    wide.subplots().plot([0, 1], [0, 1])
+    wide.savefig(tmp_path / "wide.png", format="png")
+    html = _write(tmp_path, plots={"ROC": _plot_file(tmp_path / "roc.png"), "Training": tmp_path / "wide.png"})
+    assert re.search(r'<figure class="wide"><img src="data:image/png;base64,[^"]+" alt="Training">', html)
+    assert re.search(r'<figure><img src="data:image/png;base64,[^"]+" alt="ROC">', html)
