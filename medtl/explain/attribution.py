@@ -290,7 +290,8 @@ def _check_delta(attr: Tensor, delta: Tensor, threshold: float, n_steps: int) ->
         warnings.warn(
             f"Integrated Gradients did not converge: the attributions miss f(x) - f(baseline) "
             f"by up to {worst:.1%} (threshold {threshold:.1%}) with n_steps={n_steps}. Raise "
-            "n_steps (explain.ig_steps) for faithful maps.", ConvergenceWarning, stacklevel=3)
+            "n_steps (explain.ig_steps) substantially (hundreds on deep ReLU6 networks such as "
+            "EfficientNet-Lite), or use smoothgrad or occlusion.", ConvergenceWarning, stacklevel=3)
 
 
 def _resolve_target(model: nn.Module, x: Tensor, target: int | Tensor | None) -> Tensor:
