@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import re
+import time
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,6 +72,14 @@ __all__ = [
     "expand_path",
     "config_reference_markdown",
     "rule_descriptions",
+    "available_memory",
+    "memory_budget_bytes",
+    "parse_bytes",
+    "format_bytes",
+    "MAX_CONFIG_BYTES",
+    "MAX_YAML_NODES",
+    "MAX_IMAGE_SIDE",
+    "MAX_BOOTSTRAP",
     # enumerations (the Literal aliases are importable too)
     "DATA_FORMATS",
     "DATA_SPLITS",
@@ -166,7 +175,153 @@ def shared_data_dir() -> Path:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are never a valid setting (`train.lr: .inf` would train on NaN losses)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# -- memory: how much medtl may use for decoded images --------------------------------------
+#: the largest config file (bytes) and YAML document (nodes, aliases expanded) that is read
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+#: the largest `data.image_size` entry and `evaluate.n_bootstrap`
+MAX_IMAGE_SIDE = 4096
+MAX_BOOTSTRAP = 100_000
+_MIN_BUDGET = 16 << 20
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_BYTES = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+_AVAILABLE: list[float] = []  # [monotonic time, bytes]: available_memory() caches for a second
+_FALLBACK_AVAILABLE = 8 << 30  # when the platform cannot say (no /proc, no sysconf)
+
+
+def parse_bytes(value: float | str) -> int:
+    """A memory size in bytes from an int or a string such as ``"4GB"``, ``"512 MiB"``, ``"2e9"``.
+
+    Units: B, KB/MB/GB/TB (powers of 1000; K/M/G/T too) and KiB/MiB/GiB/TiB (powers of 1024),
+    in any letter case.
+
+    Raises:
+        ValueError: not a size, negative, or an unknown unit.
+        TypeError: neither a number nor a string.
+
+    Example:
+        >>> parse_bytes("4GB"), parse_bytes("1.5 GiB"), parse_bytes(1024)
+        (4000000000, 1610612736, 1024)
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"expected a size in bytes or a string such as '4GB'; got {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        m = _BYTES.match(value)
+        try:
+            number, unit = (float(m.group(1)), m.group(2).lower()) if m else (float(value), "")
+        except ValueError:
+            raise ValueError(f"expected a size such as '4GB', '512MiB' or a number of bytes; got {value!r}") from None
+    else:
+        raise TypeError(f"expected a size in bytes or a string such as '4GB'; got {type(value).__name__}")
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit {unit!r} in {value!r}; use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB")
+    if not (number >= 0 and number * _UNITS[unit] < 2**63):  # also refuses NaN and infinity
+        raise ValueError(f"expected a size between 0 and 9.2 EB; got {value!r}")
+    return int(number * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    """``1234567890`` -> ``"1.23 GB"`` (powers of 1000, three significant digits).
+
+    Example:
+        >>> format_bytes(4_294_967_296), format_bytes(512)
+        ('4.29 GB', '512 B')
+    """
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} EB"  # pragma: no cover
+
+
+def _proc_value(path: str, key: str) -> int | None:
+    """A ``kB`` value from ``/proc/meminfo`` or ``/proc/self/status`` in bytes, or ``None``."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _free_ram() -> int:
+    value = _proc_value("/proc/meminfo", "MemAvailable")
+    if value is not None:
+        return value
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return _FALLBACK_AVAILABLE
+
+
+def _limit_headroom() -> int | None:
+    """Bytes left under the address-space and data-segment limits (``ulimit -v``/``-d``), if any."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    out = None
+    for name, used_key in (("RLIMIT_AS", "VmSize"), ("RLIMIT_DATA", "VmData")):
+        try:
+            soft, _ = resource.getrlimit(getattr(resource, name))
+        except (AttributeError, ValueError, OSError):
+            continue
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            continue
+        used = _proc_value("/proc/self/status", used_key) or 0
+        left = max(0, soft - used)
+        out = left if out is None else min(out, left)
+    return out
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: free RAM (``MemAvailable``), capped by the
+    address-space and data limits (``ulimit -v``, ``prlimit --as``) when they are set.
+
+    Read at most once a second (decoding asks for every file).
+
+    Example:
+        >>> available_memory() > 0
+        True
+    """
+    now = time.monotonic()
+    if _AVAILABLE and now - _AVAILABLE[0] < 1.0:
+        return int(_AVAILABLE[1])
+    value = _free_ram()
+    headroom = _limit_headroom()
+    if headroom is not None:
+        value = min(value, headroom)
+    _AVAILABLE[:] = [now, value]
+    return value
+
+
+def memory_budget_bytes(budget: int | None = None) -> int:
+    """The memory medtl may use for decoded images: ``data.memory_budget`` when set, else half of
+    :func:`available_memory` (read now).
+
+    Example:
+        >>> memory_budget_bytes(4_000_000_000)
+        4000000000
+    """
+    return int(budget) if budget is not None else available_memory() // 2
+
+
+def _budget_text(budget: int | None) -> str:
+    """Where the budget comes from, for messages: ``"data.memory_budget=4 GB"`` or the default."""
+    if budget is not None:
+        return f"data.memory_budget={format_bytes(budget)}"
+    return (f"{format_bytes(memory_budget_bytes(None))}: half of the {format_bytes(available_memory())} "
+            "available; set data.memory_budget to change it")
 
 
 # -- sections ------------------------------------------------------------------------------
@@ -231,7 +386,7 @@ class DataConfig(_Strict):
         "class order (index 1 is the positive class of binary metrics); null: the sorted labels"))
     spatial_dims: Literal[2, 3] = Field(2, description="2 for images, 3 for volumes")
     image_size: list[int] = Field(default_factory=lambda: [224, 224], description=(
-        "network input size: [H, W] (spatial_dims 2) or [D, H, W] (spatial_dims 3)"))
+        f"network input size: [H, W] (spatial_dims 2) or [D, H, W] (spatial_dims 3); entries 8 to {MAX_IMAGE_SIDE}"))
     spacing: list[PositiveFloat] | None = Field(None, description=(
         "resample to this pixel size (mm, one per image_size entry) then crop/pad; null = plain resize "
         "to image_size"))
@@ -242,13 +397,36 @@ class DataConfig(_Strict):
         "them and lists them in skipped.json"))
     max_cases: int | None = Field(None, ge=1, description="random subset of this many cases (quick trials); "
                                   "null: all")
+    memory_budget: int | str | None = Field(None, description=(
+        "how much memory medtl may use for decoded images: bytes, or a size such as `4GB` or `512MiB`. A file "
+        "whose header declares a larger image (as float32) is refused before it is decoded, and the decoded "
+        "cache, a batch and the image size must fit. null: half of the memory available when the run starts "
+        "(free RAM, or the address-space limit `ulimit -v` when lower)"))
 
     @field_validator("image_size")
     @classmethod
     def _size(cls, v: list[int]) -> list[int]:
         if len(v) not in (2, 3) or any(int(s) < 8 for s in v):
             raise ValueError("image_size must be 2 (H, W) or 3 (D, H, W) integers >= 8")
+        if any(int(s) > MAX_IMAGE_SIDE for s in v):
+            raise ValueError(f"image_size entries must be <= {MAX_IMAGE_SIDE} (pixels per axis); resample "
+                             "larger images down, e.g. image_size: [512, 512]")
         return v
+
+    @field_validator("memory_budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> int | None:
+        if v is None:
+            return None
+        try:
+            n = parse_bytes(v)
+        except (ValueError, TypeError):
+            raise ValueError("memory_budget must be a number of bytes or a size such as '4GB' or '512MiB' (units "
+                             "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB); null: half the available memory") from None
+        if n < _MIN_BUDGET:
+            raise ValueError(f"memory_budget must be at least 16 MiB (got {format_bytes(n)}); give a size such as "
+                             "'4GB', or null for half the available memory")
+        return n
 
     @field_validator("class_names")
     @classmethod
@@ -345,7 +523,8 @@ class TrainConfig(_Strict):
     """Fine-tuning: AdamW, a warm-up then cosine (or one-cycle) schedule, best epoch on validation."""
 
     epochs: int = Field(20, ge=1, description="training epochs")
-    batch_size: int = Field(32, ge=1, description="images per step")
+    batch_size: int = Field(32, ge=1, le=65536, description=(
+        "images per step; one batch (x channels x image size x 4 bytes) must fit in data.memory_budget"))
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate (of the head, with llrd)")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
     scheduler: Scheduler = Field("cosine", description="learning-rate schedule after the warm-up")
@@ -402,7 +581,8 @@ class CVConfig(_Strict):
 class EvalConfig(_Strict):
     """Scoring: patient-level bootstrap CIs, the decision threshold and calibration."""
 
-    n_bootstrap: int = Field(1000, ge=10, description="patient-level bootstrap resamples for the 95 % CIs")
+    n_bootstrap: int = Field(1000, ge=10, le=MAX_BOOTSTRAP, description=(
+        "patient-level bootstrap resamples for the 95 % CIs"))
     threshold: ThresholdRule = Field("fixed", description=(
         "binary decision threshold: `fixed` = 0.5; `youden_val` and `sensitivity_val` are chosen on "
         "validation data only"))
@@ -425,7 +605,7 @@ class ExplainConfig(_Strict):
     ig_delta_threshold: float = Field(0.05, gt=0, description=(
         "warn when IG misses completeness by more than this share of f(x) - f(baseline)"))
     n_samples: int = Field(16, ge=1, description="noisy samples for gradient_shap / smoothgrad")
-    batch_size: int = Field(16, ge=1, description="images per explain() call")
+    batch_size: int = Field(16, ge=1, le=65536, description="images per explain() call")
     device: Device = Field("auto", description="as train.device, for computing the maps")
     sanity_check: bool = Field(True, description="cascading model-parameter randomisation test")
     cascade_steps: int = Field(5, ge=2, description="sanity check: top stages randomised one by one, then all")
@@ -471,6 +651,7 @@ class Config(_Strict):
         problems = [p for rule in _RULES for p in rule(self)]
         if not problems and self.cv.grid:
             problems = list(_grid_value_problems(self))
+        problems += _memory_problems(self, machine=context.get("check_dependencies", True))
         if context.get("check_dependencies", True):
             problems += _dependency_problems(self)
         if problems:
@@ -505,7 +686,7 @@ def _rule(fn: Callable[[Config], Iterator[str]]) -> Callable[[Config], Iterator[
 def rule_descriptions() -> list[str]:
     """One line per rule checked when a config is loaded (the first paragraph of its docstring)."""
     return [" ".join(fn.__doc__.strip().split("\n\n")[0].split())
-            for fn in [*_RULES, _grid_value_problems, _dependency_problems]]
+            for fn in [*_RULES, _grid_value_problems, _memory_problems, _dependency_problems]]
 
 
 @_rule
@@ -748,6 +929,35 @@ def _grid_value_problems(cfg: Config) -> Iterator[str]:
                     yield f"cv.grid['{key}'] value {value!r} is not valid: {why}"
 
 
+def _memory_problems(cfg: Config, *, machine: bool = True) -> list[str]:
+    """One batch of input images (`train.batch_size` and `explain.batch_size` x channels x the
+    product of `data.image_size` x 4 bytes) fits in the memory budget: `data.memory_budget`, or
+    when unset (checked on this machine) half of the available memory.
+    """
+    budget_set = cfg.data.memory_budget
+    if budget_set is None and not machine:
+        return []
+    budget = memory_budget_bytes(budget_set)
+    it = cfg.data.intensity
+    channels = len(it.windows) if it.mode == "multiwindow" else 1
+    voxels = 1
+    for s in cfg.data.image_size:
+        voxels *= int(s)
+    problems = []
+    for key, batch in (("train.batch_size", cfg.train.batch_size), ("explain.batch_size", cfg.explain.batch_size)):
+        need = batch * channels * voxels * 4
+        if need > budget:
+            fit = max(budget // max(channels * voxels * 4, 1), 0)
+            size = "x".join(str(s) for s in cfg.data.image_size)
+            hint = (f"Lower {key} to {fit} or less" if fit >= 1 else
+                    "Lower data.image_size (one image alone does not fit)")
+            problems.append(
+                f"{key}={batch} images of {size} x {channels} channel(s) as float32 need {format_bytes(need)}, more "
+                f"than the memory budget ({_budget_text(budget_set)}). {hint}, or raise data.memory_budget if "
+                "the machine has the memory.")
+    return problems
+
+
 def _module_available(name: str) -> bool:
     """Whether ``import name`` would find the module (without importing it)."""
     try:
@@ -852,10 +1062,101 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
                 raise ConfigError(f"Override '{item}': '{'.'.join(parts[:depth + 1])}' is a value, not a section.")
             node = sub
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Override '{item}': cannot parse value {value!r} ({exc}).") from exc
+            node[parts[-1]] = _load_yaml(value) if value.strip() else ""
+        except (yaml.YAMLError, _YamlTooLarge) as exc:
+            raise ConfigError(f"Override '{_clip(item, 120)}': cannot parse value {_clip(value)!r} ({exc}).") from None
     return raw
+
+
+class _YamlTooLarge(ValueError):
+    """A YAML document over the node limit (an alias bomb) or nested too deeply."""
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _expanded_nodes(root: yaml.Node, limit: int) -> int:
+    """How many nodes ``root`` holds with every alias expanded, counting shared nodes once per use.
+
+    Linear in the composed document (sizes of shared nodes are memoised), so a "billion laughs"
+    alias bomb is measured without being expanded. Raises :class:`_YamlTooLarge` past ``limit``
+    or on a node that contains itself.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            children = _children(node)
+            total = 1 + sum(sizes[id(c)] for c in children)
+            if total > limit:
+                raise _YamlTooLarge(f"the document expands to more than {limit} values (through anchors and "
+                                    "aliases: a YAML alias bomb?)")
+            sizes[key] = total
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise _YamlTooLarge("an alias refers to a node that contains it (a recursive YAML structure)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` for at most :data:`MAX_YAML_NODES` values, aliases expanded.
+
+    PyYAML shares the node an alias points to, so composing an alias bomb is cheap; what
+    explodes is every later walk of the result (validation, hashing, dumping). The composed
+    document is measured before any Python object is built.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, MAX_YAML_NODES)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise _YamlTooLarge("the document is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file: at most :data:`MAX_CONFIG_BYTES`, UTF-8, no NUL bytes."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"Config file '{path}' is {format_bytes(size)}; a config is at most "
+                              f"{MAX_CONFIG_BYTES >> 20} MiB of YAML. Is it the right file? Shipped configs live "
+                              "in configs/, e.g. configs/breastmnist.yaml.")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"Config file '{path}' cannot be read: {exc.strerror or exc}.") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file '{path}' is not a text file: byte 0x{raw[exc.start]:02x} at offset "
+                          f"{exc.start} is not UTF-8. Give a YAML config (UTF-8 text), e.g. "
+                          "configs/breastmnist.yaml.") from None
+    if "\x00" in text:
+        raise ConfigError(f"Config file '{path}' is not a text file: it holds NUL bytes (offset "
+                          f"{text.index(chr(0))}). Give a YAML config (UTF-8 text), e.g. configs/breastmnist.yaml.")
+    return text
 
 
 def _is_union_tag(part: str | int) -> bool:
@@ -924,12 +1225,15 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None, *
     Args:
         source: a YAML file or an already parsed mapping.
         overrides: ``--set`` style ``dotted.key=value`` strings (values parsed as YAML).
-        check_dependencies: check that the optional packages the run will use are installed
-            (``tracking: mlflow``). Pass ``False`` when reloading a finished run's config only
-            to read it (predict, explain), where tracking does not run.
+        check_dependencies: check what depends on this machine: the optional packages the run
+            will use are installed (``tracking: mlflow``), and a batch fits in half the available
+            memory when ``data.memory_budget`` is unset. Pass ``False`` when reloading a finished
+            run's config only to read it (predict, explain), where tracking does not run.
 
     Raises:
-        ConfigError: naming every unknown key, wrong value and broken rule (``rule_descriptions()``).
+        ConfigError: naming every unknown key, wrong value and broken rule (``rule_descriptions()``);
+            a file that is not UTF-8 text, larger than ``MAX_CONFIG_BYTES``, or whose YAML expands to
+            more than ``MAX_YAML_NODES`` values through aliases (or nests too deeply).
     """
     if isinstance(source, dict):
         raw, label = json.loads(json.dumps(source)), "(dict)"
@@ -938,10 +1242,14 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None, *
         if not path.is_file():
             raise ConfigError(f"Config file '{path}' does not exist. Shipped configs live in configs/, "
                               "e.g. configs/breastmnist.yaml.")
+        text = _read_config_text(path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _load_yaml(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+            raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from None
+        except _YamlTooLarge as exc:
+            raise ConfigError(f"Config file '{path}' is refused: {exc}. A config holds at most {MAX_YAML_NODES} "
+                              "values; write the values out instead of nesting aliases.") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
         label = f"'{path}'"
@@ -1087,7 +1395,10 @@ def config_reference_markdown() -> str:
         "",
         "(`tests/test_config_docs.py` fails while this file and the schema disagree.) A config is a YAML "
         "file; every key can also be set with `--set dotted.key=value` (the value is parsed as YAML). "
-        "Unknown keys are errors, with the valid keys of their section and a did-you-mean.",
+        "Unknown keys are errors, with the valid keys of their section and a did-you-mean. A config file is UTF-8 "
+        f"text of at most {MAX_CONFIG_BYTES >> 20} MiB holding at most {MAX_YAML_NODES} "
+        "values once YAML aliases are expanded (an alias bomb is refused before it is built), and no number may "
+        "be NaN or infinite.",
         "",
         "## Rules checked when a config is loaded",
         "",

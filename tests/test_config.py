@@ -263,3 +263,116 @@ def test_enumerations_are_the_fields_choices():
 def test_public_names_exist():
     missing = [n for n in config_module.__all__ if not hasattr(config_module, n)]
     assert not missing
+
+
+# -- bounds that follow from the memory budget; YAML that cannot explode -----------------------------
+@pytest.mark.parametrize("override,text", [
+    ("train.lr=.inf", "'train.lr': Input should be a finite number. Got inf."),
+    ("train.lr=.nan", "'train.lr': Input should be a finite number. Got nan."),
+    ("train.weight_decay=-.inf", "'train.weight_decay': Input should be a finite number. Got -inf."),
+    ("data.intensity.vmax=.inf", "'data.intensity.vmax': Input should be a finite number. Got inf."),
+    ("evaluate.n_bootstrap=1000000000", "'evaluate.n_bootstrap': Input should be less than or equal to 100000."),
+    ("data.image_size=[60000, 60000]", "'data.image_size': Value error, image_size entries must be <= 4096"),
+    ("train.batch_size=100000", "'train.batch_size': Input should be less than or equal to 65536."),
+    ("data.memory_budget=lots", ("'data.memory_budget': Value error, memory_budget must be a number of bytes or "
+                                 "a size such as '4GB' or '512MiB'")),
+    ("data.memory_budget=1KB", "memory_budget must be at least 16 MiB (got 1 KB)"),
+])
+def test_values_that_cannot_work_are_refused(override, text):
+    assert text in _error([override])
+
+
+def test_memory_budget_parses_sizes():
+    assert load_config(BASE, ["data.memory_budget=4GB"]).data.memory_budget == 4_000_000_000
+    assert load_config(BASE, ["data.memory_budget=512 MiB"]).data.memory_budget == 512 << 20
+    assert load_config(BASE, ["data.memory_budget=2000000000"]).data.memory_budget == 2_000_000_000
+    assert load_config(BASE).data.memory_budget is None
+    assert config_module.parse_bytes("1.5GiB") == 3 << 29 and config_module.parse_bytes(".5 kb") == 500
+    for bad in ("-1GB", "4 parsecs", "nan", True, None):
+        with pytest.raises((ValueError, TypeError)):
+            config_module.parse_bytes(bad)
+    assert config_module.format_bytes(4_294_967_296) == "4.29 GB"
+
+
+def test_a_batch_over_the_memory_budget_is_refused():
+    msg = _error(["data.memory_budget=64MB", "data.image_size=[2048, 2048]"])
+    assert ("train.batch_size=32 images of 2048x2048 x 1 channel(s) as float32 need 537 MB, more than the memory "
+            "budget (data.memory_budget=64 MB). Lower train.batch_size to 3 or less") in msg
+    assert "explain.batch_size=16 images" in msg
+    msg = _error(["data.memory_budget=16MiB", "data.image_size=[2048, 2048, 8]"])
+    assert "Lower data.image_size (one image alone does not fit)" in msg
+    ok = load_config(BASE, ["data.memory_budget=64MB", "data.image_size=[2048, 2048]", "train.batch_size=2",
+                            "explain.batch_size=2"])
+    assert ok.train.batch_size == 2
+
+
+def test_the_default_budget_is_half_the_available_memory(monkeypatch):
+    monkeypatch.setattr(config_module, "available_memory", lambda: 200 << 20)
+    msg = _error(["data.image_size=[1024, 1024]"])
+    assert "more than the memory budget (105 MB: half of the 210 MB available; set data.memory_budget" in msg
+    # reloading a finished run's config only to read it does not depend on this machine
+    assert load_config(BASE, ["data.image_size=[1024, 1024]"], check_dependencies=False)
+
+
+def test_available_memory_respects_the_address_space_limit(monkeypatch):
+    import resource
+
+    monkeypatch.setattr(config_module, "_AVAILABLE", [])
+    monkeypatch.setattr(config_module, "_free_ram", lambda: 64 << 30)
+    used = config_module._proc_value("/proc/self/status", "VmSize") or 0
+    cap = used + (300 << 20)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (cap, cap) if which == resource.RLIMIT_AS
+                        else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    available = config_module.available_memory()
+    assert 200 << 20 < available <= 300 << 20
+
+
+def _bomb(depth: int = 8, width: int = 10) -> str:
+    laughs = "".join(f"l{i + 1}: &l{i + 1} [{', '.join([f'*l{i}'] * width)}]\n" for i in range(depth))
+    return f"l0: &l0 [lol]\n{laughs}"
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"data:\n  path: m.csv\n{_bomb()}cv:\n  grid: {{train.lr: *l8}}\n")
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert time.perf_counter() - t0 < 2
+    assert str(err.value) == (f"Config file '{path}' is refused: the document expands to more than 100000 values "
+                              "(through anchors and aliases: a YAML alias bomb?). A config holds at most 100000 "
+                              "values; write the values out instead of nesting aliases.")
+    with pytest.raises(ConfigError, match="cannot parse value .* alias bomb"):
+        load_config(BASE, ["cv.grid={" + _bomb(6).replace("\n", ", ") + "}"])
+    # anchors and aliases used as intended still load
+    path.write_text("data: {path: m.csv}\ntrain: &t {epochs: 2}\nexplain: {n_correct: 2}\n")
+    assert load_config(path).train.epochs == 2
+
+
+def test_recursive_and_deeply_nested_yaml_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: &d\n  path: m.csv\n  x: *d\n")
+    with pytest.raises(ConfigError, match="an alias refers to a node that contains it"):
+        load_config(path)
+    path.write_text("data: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(ConfigError, match="the document is nested too deeply"):
+        load_config(path)
+
+
+def test_non_text_and_oversized_config_files_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"Config file '{path}' is not a text file: byte 0x89 at offset 0 is not UTF-8. Give a "
+                              "YAML config (UTF-8 text), e.g. configs/breastmnist.yaml.")
+    path.write_bytes(b"data: {path: m.csv}\n\x00\x00")
+    with pytest.raises(ConfigError, match=r"is not a text file: it holds NUL bytes \(offset 20\)"):
+        load_config(path)
+    path.write_text("data: {path: m.csv}\n" + "# padding\n" * 110_000)
+    with pytest.raises(ConfigError, match=r"c.yaml' is 1.1 MB; a config is at most 1 MiB of YAML"):
+        load_config(path)
+    path.write_text("\ufeffdata: {path: m.csv}\n", encoding="utf-8")  # a byte-order mark is fine
+    assert load_config(path).data.path == "m.csv"

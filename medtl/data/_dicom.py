@@ -5,11 +5,17 @@ Exceptions are caught narrowly around each step (open, header, pixel description
 decoder, rescale), because pydicom reports very different problems with the same
 exception types (``AttributeError`` for "no Pixel Data" and for "missing Bits Allocated",
 ``RuntimeError`` for "no decoder installed" and for "corrupt JPEG stream").
+
+Memory: the image size the header declares is checked against the per-image limit before
+the decoder runs (:func:`check_declared_size`, from the values :func:`decode_dataset` reads
+anyway), and a ``MemoryError`` while parsing (a corrupt element length asking for gigabytes)
+becomes a reason naming the element.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import struct
 import warnings
@@ -34,12 +40,15 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from medtl.config import format_bytes
+from medtl.data._memory import FLOAT32, check_declared
 from medtl.data.privacy import IDENTIFYING_TAGS
 from medtl.errors import UnreadableFileError
 
 __all__ = [
     "DicomPixels", "has_dicom_magic", "read_dataset", "decode_dataset", "dicom_meta",
     "row_col_spacing", "frame_spacing", "quiet", "describe_exception", "header_value",
+    "check_declared_size", "format_bytes", "short",
 ]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -123,7 +132,12 @@ def read_dataset(path: Path, *, stop_before_pixels: bool = False,
         try:
             ds = pydicom.dcmread(path, **kwargs)
         except InvalidDicomError:
-            ds = _read_without_preamble(path, kwargs)
+            try:
+                ds = _read_without_preamble(path, kwargs)
+            except MemoryError:
+                raise UnreadableFileError(path, _oversized_element_reason(path, kwargs)) from None
+        except MemoryError:
+            raise UnreadableFileError(path, _oversized_element_reason(path, kwargs)) from None
         except FileNotFoundError:
             raise UnreadableFileError(path, "file not found") from None
         except EOFError as exc:
@@ -163,8 +177,41 @@ def _truncated_last_element(ds: Dataset) -> str | None:
     length, value = getattr(last, "length", None), getattr(last, "value", None)
     if isinstance(value, bytes) and length not in (None, 0xFFFFFFFF) and len(value) < length:
         what = "Pixel Data" if last.tag == 0x7FE00010 else f"data element {last.tag}"
+        if last.tag != 0x7FE00010:  # a header element longer than the whole file: its length field is corrupt
+            try:
+                file_size = os.path.getsize(ds.filename) if isinstance(ds.filename, str) else None
+            except OSError:
+                file_size = None
+            if file_size is not None and length > file_size:
+                return (f"truncated file or corrupt element length: {what} declares {length} bytes "
+                        f"({format_bytes(length)}), more than the whole file ({file_size} bytes)")
         return f"truncated file: the {what} declares {length} bytes but only {len(value)} remain"
     return None
+
+
+def _oversized_element_reason(path: Path, kwargs: dict[str, Any]) -> str:
+    """Why parsing ``path`` raised ``MemoryError``: find the element whose length is impossible.
+
+    pydicom allocates an element's declared length before reading it, so one corrupt length
+    field asks for up to 4 GB. Re-parse with every value longer than the file deferred (nothing
+    is allocated for them) and name the last element, where parsing stopped.
+    """
+    generic = ("corrupt header: a data element declares a length that needs more memory than this process may "
+               "use (MemoryError while reading the header); the file is probably corrupt")
+    try:
+        size = os.path.getsize(path)
+        with quiet():
+            ds = pydicom.dcmread(path, defer_size=size, force=True, **kwargs)
+        last_tag = next(reversed(ds.keys()), None)
+        raw = ds.get_item(last_tag, keep_deferred=True) if last_tag is not None else None
+        length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+        if raw is None or length in (None, 0xFFFFFFFF) or length <= size or tell is None:
+            return generic
+        return (f"truncated file or corrupt element length: data element {raw.tag} declares {length} bytes "
+                f"({format_bytes(length)}), more than the whole file ({size} bytes); reading it would need more "
+                "memory than this process may use (MemoryError)")
+    except Exception:  # noqa: BLE001 - best effort (MemoryError included); the generic reason is still specific
+        return generic
 
 
 def _read_without_preamble(path: Path, kwargs: dict[str, Any]) -> Dataset:
@@ -190,8 +237,40 @@ def _read_without_preamble(path: Path, kwargs: dict[str, Any]) -> Dataset:
     return ds
 
 
-def decode_dataset(ds: Dataset, path: Path) -> DicomPixels:
+def check_declared_size(ds: Dataset, path: Path, limit: int, *, n_slices: int | None = None) -> None:
+    """Refuse ``path`` when the image its header declares (rows x columns x frames x samples, or
+    ``n_slices`` such instances of a series) is over ``limit`` bytes as float32.
+
+    Unreadable or absent size elements are left to :func:`decode_dataset` to report.
+    """
+    values = []
+    for kw, default in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1)):
+        try:
+            value = header_value(ds, kw)
+            values.append(default if value in (None, "") else int(value))
+        except Exception:  # noqa: BLE001 - a corrupt value is reported by decode_dataset with its reason
+            return
+    rows, cols, frames, spp = values
+    photometric = str(header_value(ds, "PhotometricInterpretation") or "").strip()
+    _check_size(path, rows, cols, frames * (n_slices or 1), spp, photometric, limit,
+                unit="slices" if n_slices else "frames")
+
+
+def _check_size(path: Path, rows: int, cols: int, frames: int, spp: int, photometric: str, limit: int,
+                unit: str = "frames") -> None:
+    samples = 3 if photometric == "PALETTE COLOR" else max(spp, 1)
+    if frames * rows * cols * samples * FLOAT32 <= limit:  # the common case: no message to build
+        return
+    many = f"{frames} {unit} of " if frames != 1 else ""
+    what = f"{many}{rows} x {cols} pixels x {samples} sample{'s' if samples != 1 else ''}"
+    check_declared(path, (frames, rows, cols, samples), FLOAT32, limit=limit, what=what)
+
+
+def decode_dataset(ds: Dataset, path: Path, *, max_bytes: int | None = None) -> DicomPixels:
     """Decode the pixels of one instance, apply the modality rescale/LUT and palette.
+
+    ``max_bytes``: the largest image (float32 bytes) the header may declare; checked before the
+    decoder runs (``None``: no check).
 
     Returns float32 ``(C, H, W)`` or ``(C, F, H, W)`` (``C`` = 1 grey, 3 colour); see
     :class:`DicomPixels`. Raises UnreadableFileError with a specific reason.
@@ -216,10 +295,18 @@ def decode_dataset(ds: Dataset, path: Path) -> DicomPixels:
             f"{', '.join(missing)}; the file is not a usable image"))
     rows, cols = _int(ds, "Rows", path), _int(ds, "Columns", path)
     n_frames = _int(ds, "NumberOfFrames", path, default=1)
+    spp = 1
     for kw in ("BitsAllocated", "SamplesPerPixel", "BitsStored", "PixelRepresentation"):
-        _int(ds, kw, path, default=0)
+        value = _int(ds, kw, path, default=0)
+        if kw == "SamplesPerPixel":
+            spp = value
     if rows == 0 or cols == 0 or n_frames == 0:
         raise UnreadableFileError(path, f"empty image: Rows={rows}, Columns={cols}, NumberOfFrames={n_frames}")
+    if rows < 0 or cols < 0 or n_frames < 0:
+        raise UnreadableFileError(path, f"invalid image size: Rows={rows}, Columns={cols}, NumberOfFrames={n_frames}")
+    if max_bytes is not None:
+        _check_size(path, rows, cols, n_frames, spp, str(header_value(ds, "PhotometricInterpretation")).strip(),
+                    max_bytes)
     if all(ds[kw].value in (None, b"", []) for kw in _PIXEL_KEYWORDS if kw in ds):
         raise UnreadableFileError(path, (
             f"empty Pixel Data element (0 bytes) although the header describes a {rows}x{cols} image: "
@@ -594,3 +681,6 @@ def describe_exception(exc: BaseException, fallback: str = "unexpected decoder e
 def _short(exc: object, limit: int = 200) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+short = _short

@@ -4,7 +4,10 @@
 class balance, cases per patient, unreadable files, exact and near duplicates (with
 whether they cross patients or labels), patients with several labels, repeated paths,
 technical header fields that predict the label on their own (scanner model, contrast
-agent tag, ...) and per-label intensity ranges. Patient ids only appear pseudonymised.
+agent tag, ...) and per-label intensity ranges. Patient ids only appear pseudonymised;
+paths and reasons are redacted as whole values (:func:`~medtl.data.privacy.make_redactor`).
+Label spellings that were canonicalised when the manifest was read (``1.0`` -> ``1``) are
+reported once, under ``notes``.
 
 Example:
     >>> report = audit_cases(cases, progress=False)        # doctest: +SKIP
@@ -17,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +31,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from medtl.data.manifest import Case
-from medtl.data.privacy import Pseudonymizer
+from medtl.config import parse_bytes
+from medtl.data._memory import image_limit, out_of_memory_reason
+from medtl.data.manifest import Case, label_spellings
+from medtl.data.privacy import Pseudonymizer, make_redactor
 from medtl.data.readers import ScanImage, read_image
 from medtl.errors import ConfigError, DataError, MedtlError
 
@@ -69,7 +74,7 @@ class _Source:
 
 def audit_cases(cases: Sequence[Case], *, load: Callable[[Case], ScanImage] | None = None,
                 pseudonymize: Callable[[str], str] | None = None, near_dup_max_distance: int = 4,
-                progress: bool = True) -> dict:
+                progress: bool = True, memory_budget: int | str | None = None) -> dict:
     """Check a list of cases for data problems; each file is decoded exactly once.
 
     Args:
@@ -81,6 +86,9 @@ def audit_cases(cases: Sequence[Case], *, load: Callable[[Case], ScanImage] | No
         near_dup_max_distance: largest Hamming distance between 256-bit difference hashes
             (of the min-max normalised middle slice) for two images to be near duplicates.
         progress: show a progress bar while decoding.
+        memory_budget: ``data.memory_budget`` (bytes or ``"4GB"``): a file whose header declares
+            a larger image is listed as unreadable before it is decoded; ``None``: half the
+            available memory.
 
     Returns:
         The report dict (JSON-serialisable); ``report["findings"]`` lists the problems.
@@ -96,7 +104,12 @@ def audit_cases(cases: Sequence[Case], *, load: Callable[[Case], ScanImage] | No
                           f"Got {near_dup_max_distance!r} instead.")
     cases = list(cases)
     pseudo = pseudonymize or Pseudonymizer()
-    load = load or _default_load
+    try:
+        budget = None if memory_budget is None else parse_bytes(memory_budget)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"The 'memory_budget' parameter of audit_cases must be bytes or a size such as '4GB'. "
+                          f"Got {memory_budget!r} instead ({exc}).") from None
+    load = load or (lambda case: _default_load(case, budget))
     sources = _group_sources(cases)
     for src in _progress(sources, progress):
         _decode(src, load)
@@ -118,6 +131,9 @@ def audit_cases(cases: Sequence[Case], *, load: Callable[[Case], ScanImage] | No
     report["label_conflicts"] = _label_conflicts(cases, pseudo, findings)
     report["metadata_confounders"] = _confounders(readable, findings)
     report["intensity"] = _intensity(readable, findings)
+    spellings = label_spellings(cases)
+    report["label_spellings"] = spellings
+    report["notes"] = [f"labels canonicalised: {_spelling_text(spellings)}"] if spellings else []
     report["findings"] = findings
     report["clean"] = not findings
     return report
@@ -154,6 +170,13 @@ def print_audit_summary(report: dict, console: Console | None = None) -> None:
     flagged = [f for f, v in report["metadata_confounders"].get("fields", {}).items() if v["flagged"]]
     table.add_row("label-predicting header fields", ", ".join(flagged) or "none")
     console.print(table)
+    for note in report.get("notes", []):
+        console.print(f"note: {note}", markup=False, highlight=False)
+    unreadable = report.get("unreadable", [])
+    for entry in unreadable[:10]:
+        console.print(f"unreadable: case {entry['case_id']}: {entry['reason']}", markup=False, highlight=False)
+    if len(unreadable) > 10:
+        console.print(f"unreadable: ... and {len(unreadable) - 10} more (see audit.json)", markup=False)
     if report["clean"]:
         console.print("[green]No problems found.[/green]")
         return
@@ -163,9 +186,15 @@ def print_audit_summary(report: dict, console: Console | None = None) -> None:
 
 
 # --------------------------------------------------------------------------- decoding
-def _default_load(case: Case) -> ScanImage:
+def _spelling_text(spellings: dict[str, dict[str, int]]) -> str:
+    """``'1.0' -> '1' (3 cases), 'TRUE' -> 'True' (2 cases)``."""
+    return ", ".join(f"{raw!r} -> {label!r} ({n} case{'s' if n != 1 else ''})"
+                     for label, spell in spellings.items() for raw, n in spell.items())
+
+
+def _default_load(case: Case, budget: int | None = None) -> ScanImage:
     if case.path is not None:
-        return read_image(case.path)
+        return read_image(case.path, max_bytes=image_limit(budget))
     if case.array is None:
         raise DataError(f"Case {case.case_id!r} has neither a path nor an in-memory array.")
     arr = np.asarray(case.array, dtype=np.float32)
@@ -175,10 +204,19 @@ def _default_load(case: Case) -> ScanImage:
 def _group_sources(cases: list[Case]) -> list[_Source]:
     sources: dict[str, _Source] = {}
     for i, case in enumerate(cases):
-        key = f"path:{Path(case.path).resolve()}" if case.path is not None else f"memory:{i}"
+        key = f"path:{_resolved(case.path)}" if case.path is not None else f"memory:{i}"
         src = sources.setdefault(key, _Source(key, None if case.path is None else str(case.path)))
         src.cases.append(case)
     return list(sources.values())
+
+
+def _resolved(path: str) -> str:
+    """``path`` with symlinks resolved; as given (made absolute) for a symlink loop, which the
+    decoder then reports as unreadable."""
+    try:
+        return str(Path(path).resolve())
+    except (RuntimeError, OSError):  # RuntimeError: "Symlink loop" (Python < 3.13)
+        return os.path.abspath(path)
 
 
 def _progress(items: list[_Source], enabled: bool) -> Iterable[_Source]:
@@ -198,6 +236,9 @@ def _decode(src: _Source, load: Callable[[Case], ScanImage]) -> None:
             raise DataError(f"expected a (C, H, W) or (C, D, H, W) array, got shape {arr.shape}")
     except MedtlError as exc:
         src.error = getattr(exc, "reason", None) or str(exc)
+        return
+    except MemoryError:
+        src.error = out_of_memory_reason()
         return
     except Exception as exc:  # noqa: BLE001 - an audit reports every failure instead of stopping
         src.error = f"unexpected error: {type(exc).__name__}: {exc}"
@@ -497,14 +538,6 @@ def _num(value: Any) -> float | None:
 
 
 def _redactor(cases: list[Case], pseudo: Callable[[str], str]) -> Callable[[str | None], str | None]:
-    """Function replacing raw patient ids in a path or reason (e.g. ``/data/MRN123/ct``) by pseudonyms."""
-    ids = sorted({str(c.patient_id) for c in cases if str(c.patient_id).strip()}, key=len, reverse=True)
-    mapping = {i: pseudo(i) for i in ids if pseudo(i) != i}
-    if not mapping:
-        return lambda text: text
-    pattern = re.compile("(?<![A-Za-z0-9])(" + "|".join(re.escape(i) for i in mapping) + ")(?![A-Za-z0-9])")
-
-    def redact(text: str | None) -> str | None:
-        return None if text is None else pattern.sub(lambda m: mapping[m.group(1)], text)
-
-    return redact
+    """Function replacing raw patient ids in a path or reason (e.g. ``/data/MRN123/ct``) by pseudonyms,
+    as whole values only (a reason ``NumberOfFrames=3`` stays as it is for patient ``3``)."""
+    return make_redactor((c.patient_id for c in cases), pseudo)

@@ -1,18 +1,32 @@
-"""Cases and manifests: what a dataset is before any pixel is decoded."""
+"""Cases and manifests: what a dataset is before any pixel is decoded.
+
+Labels mean what they say: numeric and true/false spellings of one class are read as one
+class (``1``, ``1.0``, ``+1`` -> ``1``; ``true``, ``TRUE`` -> ``True``), and the mapping is logged
+once and kept on each case (``Case.raw_label``) for the audit to report. A column whose
+spellings cannot be read one way (``1`` beside ``true``; ``Benign`` beside ``benign``) and a
+header that repeats a column name are refused.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
 
 from medtl.errors import DataError
 
-__all__ = ["Case", "read_manifest", "read_medmnist", "read_labelled_folder", "MEDMNIST_CLASSES", "REQUIRED_COLUMNS"]
+__all__ = ["Case", "read_manifest", "read_medmnist", "read_labelled_folder", "canonical_labels",
+           "label_spellings", "MEDMNIST_CLASSES", "REQUIRED_COLUMNS"]
+
+_log = logging.getLogger("medtl.data")
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,8 @@ class Case:
         array: in-memory pixels, channel-first float32 ``(C, H, W)`` or ``(C, D, H, W)``.
         mask: optional path to a region mask (e.g. a lesion) used to score saliency.
         split: ``"train"``/``"val"``/``"test"`` for official-split runs, else ``None``.
+        raw_label: the label as spelled in the file when it was canonicalised (``"1.0"`` for
+            ``label`` ``"1"``), else ``None``.
     """
 
     case_id: str
@@ -40,6 +56,7 @@ class Case:
     array: np.ndarray | None = field(default=None, repr=False, compare=False)
     mask: str | None = None
     split: str | None = None
+    raw_label: str | None = field(default=None, compare=False)
 
 
 REQUIRED_COLUMNS = ("path", "label", "patient_id")
@@ -85,6 +102,7 @@ def read_manifest(path: str | Path, *, label_column: str = "label", root: str | 
     try:
         reader = csv.DictReader(io.StringIO(text))
         header = [h.strip() for h in (reader.fieldnames or [])]
+        _check_unique_columns(header, f"Manifest '{path}'")
         rows = list(reader)
     except csv.Error as exc:
         raise DataError(f"Manifest '{path}' is not a valid CSV: {exc}.") from exc
@@ -100,6 +118,7 @@ def read_manifest(path: str | Path, *, label_column: str = "label", root: str | 
     first_row: dict[str, int] = {}
     for i, row in enumerate(rows):
         line = i + 2  # 1-based, after the header
+        raw_label = next((v for k, v in row.items() if (k or "").strip() == label_column and isinstance(v, str)), None)
         row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else v for k, v in row.items()}
         if None in row or "" in row and row[""]:
             problems.append(f"row {line}: more fields than columns in the header")
@@ -116,7 +135,11 @@ def read_manifest(path: str | Path, *, label_column: str = "label", root: str | 
         mask = row.get("mask") or None
         if mask and not Path(mask).is_absolute():
             mask = str(base / mask)
-        outside = [str(q) for q in (p, mask) if q and root_dir is not None and not _inside(q, root_dir)]
+        try:
+            outside = [str(q) for q in (p, mask) if q and root_dir is not None and not _inside(q, root_dir)]
+        except (RuntimeError, OSError):  # Path.resolve() on a symlink that leads back to itself
+            problems.append(f"row {line}: path '{row['path']}' is a symlink loop (a link that leads back to itself)")
+            continue
         if outside:
             problems.append(f"row {line}: path '{outside[0]}' is outside the data root '{root_dir}'")
             continue
@@ -131,13 +154,13 @@ def read_manifest(path: str | Path, *, label_column: str = "label", root: str | 
             continue
         cases.append(Case(case_id=f"row{line:05d}", path=str(p), label=row[label_column],
                           patient_id=row["patient_id"], site=row.get("site") or None, mask=mask,
-                          split=split))
+                          split=split, raw_label=raw_label))
     if problems:
         raise DataError(f"Manifest '{path}' has {len(problems)} malformed row(s):\n  {_listing(problems)}\n"
                         "Fix these rows (or remove them deliberately) and run again.")
     if not cases:
         raise DataError(f"Manifest '{path}' has no rows.")
-    return cases
+    return _canonicalise(cases, f"Manifest '{path}' column '{label_column}'")
 
 
 def read_medmnist(path: str | Path, *, split: str = "official") -> list[Case]:
@@ -194,10 +217,16 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_col
         raise DataError(f"Image folder '{folder}' does not exist (data.path).")
     if not labels_csv.is_file():
         raise DataError(f"Label CSV '{labels_csv}' does not exist (data.labels.csv).")
-    with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        rows = list(reader)
+    try:
+        with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            _check_unique_columns([h.strip() for h in header], f"Label CSV '{labels_csv}'")
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"Label CSV '{labels_csv}' is not UTF-8 text ({exc}). Save it as UTF-8 CSV.") from None
+    except csv.Error as exc:
+        raise DataError(f"Label CSV '{labels_csv}' is not a valid CSV: {exc}.") from None
     need = [c for c in (file_column, label_column, patient_column, site_column) if c]
     missing = [c for c in need if c not in header]
     if missing:
@@ -219,7 +248,9 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_col
             continue
         seen[fname] = line
         if not path.exists():
-            problems.append(f"row {line}: file '{fname}' not found in {folder}")
+            loop = _is_symlink_loop(path)
+            problems.append(f"row {line}: file '{fname}' is a symlink loop (a link that leads back to itself)" if loop
+                            else f"row {line}: file '{fname}' not found in {folder}")
             continue
         pid = (row.get(patient_column) or "").strip() if patient_column else None
         if not pid:
@@ -233,12 +264,138 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_col
                             "and set data.labels.patient_column")
             continue
         site = (row.get(site_column) or "").strip() or None if site_column else None
-        cases.append(Case(case_id=f"row{line:05d}", path=str(path), label=label, patient_id=pid, site=site))
+        cases.append(Case(case_id=f"row{line:05d}", path=str(path), label=label, patient_id=pid, site=site,
+                          raw_label=row.get(label_column)))
     if problems:
         raise DataError(f"Label CSV '{labels_csv}' has {len(problems)} problem(s):\n  {_listing(problems)}")
     if not cases:
         raise DataError(f"Label CSV '{labels_csv}' has no rows.")
-    return cases
+    return _canonicalise(cases, f"Label CSV '{labels_csv}' column '{label_column}'")
+
+
+# --------------------------------------------------------------------------- labels
+_BOOLEANS = {"true": "True", "false": "False"}  # the spelling of Python, pandas and most exports
+
+
+def _kind(label: str) -> tuple[str, str]:
+    """``(kind, canonical)`` of one stripped label: ``num`` (``"1.0"`` -> ``"1"``, ``"0.50"`` -> ``"0.5"``),
+    ``bool`` (``"TRUE"`` -> ``"True"``) or ``text`` (unchanged)."""
+    low = label.lower()
+    if low in _BOOLEANS:
+        return "bool", _BOOLEANS[low]
+    try:
+        d = Decimal(label)
+    except (InvalidOperation, ValueError):
+        return "text", label
+    if not d.is_finite():  # "nan", "inf": words, and never a class spelled as a number
+        return "text", label
+    if d == d.to_integral_value():
+        return "num", str(int(d))
+    return "num", format(d.normalize(), "f")
+
+
+def canonical_labels(labels: Iterable[str], what: str = "the label column") -> dict[str, str]:
+    """Map every spelling in ``labels`` to its class name; raise when the spellings cannot be read one way.
+
+    Numeric spellings become one canonical number (``1``, `` 1``, ``1.0``, ``+1``, ``1e0`` -> ``1``)
+    and ``true``/``false`` in any letter case become ``True``/``False``. Text labels stay as they are.
+
+    Raises:
+        DataError: the column mixes numeric and true/false spellings (``1`` and ``true``), or
+            text labels that differ only in letter case or spacing (``Benign``, ``benign``).
+
+    Example:
+        >>> canonical_labels(["0", "1.0", " 1", "0.0"])
+        {'0': '0', '1.0': '1', ' 1': '1', '0.0': '0'}
+        >>> canonical_labels(["True", "true", "FALSE"])
+        {'True': 'True', 'true': 'True', 'FALSE': 'False'}
+    """
+    spellings = list(dict.fromkeys(str(x) for x in labels))
+    kinds = {s: _kind(s.strip()) for s in spellings}
+    present = {k for k, _ in kinds.values()}
+    if {"num", "bool"} <= present:
+        nums = sorted({s.strip() for s, (k, _) in kinds.items() if k == "num"})
+        bools = sorted({s.strip() for s, (k, _) in kinds.items() if k == "bool"})
+        raise DataError(f"{what} mixes numeric labels ({_quoted(nums)}) and true/false labels ({_quoted(bools)}), "
+                        "so it is not clear which are the same class. Spell each class one way (e.g. 0/1, or "
+                        "False/True) and run again.")
+    by_fold: dict[str, set[str]] = {}
+    for k, c in kinds.values():
+        if k == "text":
+            by_fold.setdefault(" ".join(c.split()).casefold(), set()).add(c)
+    clashes = [sorted(v) for v in by_fold.values() if len(v) > 1]
+    if clashes:
+        listing = "; ".join(_quoted(c) for c in clashes)
+        raise DataError(f"{what} spells one class several ways that differ only in letter case or spacing "
+                        f"({listing}), so they would train as different classes. Use one spelling per class and "
+                        "run again.")
+    return {s: c for s, (_, c) in kinds.items()}
+
+
+def label_spellings(cases: Iterable[Case]) -> dict[str, dict[str, int]]:
+    """``{class: {spelling: n_cases}}`` of the labels that were canonicalised (``Case.raw_label``).
+
+    Example:
+        >>> label_spellings([Case("a", None, "1", "P1", raw_label="1.0")])
+        {'1': {'1.0': 1}}
+    """
+    out: dict[str, Counter] = {}
+    for c in cases:
+        if c.raw_label is not None and c.label is not None and c.raw_label != c.label:
+            out.setdefault(c.label, Counter())[c.raw_label] += 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def _canonicalise(cases: list[Case], what: str) -> list[Case]:
+    """``cases`` with canonical labels; logs the mapping once (spellings that changed)."""
+    from dataclasses import replace
+
+    mapping = canonical_labels([c.label for c in cases if c.label is not None], what)
+    out = []
+    for c in cases:
+        label = mapping.get(c.label, c.label) if c.label is not None else None
+        # the spelling in the file, when it differs from the class name by more than surrounding spaces
+        raw = c.raw_label if c.raw_label is not None and c.raw_label.strip() != label else None
+        out.append(replace(c, label=label, raw_label=raw) if (label, raw) != (c.label, c.raw_label) else c)
+    changed = label_spellings(out)
+    if changed:
+        _log.warning("%s: labels canonicalised: %s", what, _mapping_text(changed))
+    return out
+
+
+def _mapping_text(changed: dict[str, dict[str, int]]) -> str:
+    """``'1.0' -> '1' (3 rows), 'TRUE' -> 'True' (2 rows)``."""
+    return ", ".join(f"{raw!r} -> {label!r} ({n} row{'s' if n != 1 else ''})"
+                     for label, spell in changed.items() for raw, n in spell.items())
+
+
+def _quoted(values: Iterable[str], limit: int = 8) -> str:
+    values = list(values)
+    shown = ", ".join(repr(v) for v in values[:limit])
+    return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def _check_unique_columns(header: list[str], what: str) -> None:
+    """Refuse a header that names a column twice (csv.DictReader would silently keep the last)."""
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(header):
+        if name:
+            seen.setdefault(name, []).append(i + 1)
+    repeated = {k: v for k, v in seen.items() if len(v) > 1}
+    if repeated:
+        where = "; ".join(f"'{k}' in columns {', '.join(map(str, v))}" for k, v in repeated.items())
+        raise DataError(f"{what} repeats column name(s) in its header: {where}. A CSV reader keeps only the last "
+                        "of them, silently. Rename or remove the repeated column(s) and run again.")
+
+
+def _is_symlink_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        import errno
+
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _inside(path: str | Path, root: Path) -> bool:

@@ -4,6 +4,11 @@ Every file is read and preprocessed exactly once per run (not per epoch or per f
 folds and epochs index into the cached arrays. Unreadable files are collected, never
 dropped silently: ``data.on_error: raise`` stops before training with the full list,
 ``skip`` keeps going and records each skipped case with its reason.
+
+Memory is bounded by ``data.memory_budget`` (default: half the available memory): the
+cache of every case at ``data.image_size`` must fit before decoding starts, each file's
+declared image size is checked against the per-image limit before its pixels are decoded,
+and a ``MemoryError`` while decoding one file is that file's failure, with its reason.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medtl.config import Config, DataConfig
-from medtl.data.manifest import Case, read_labelled_folder, read_manifest, read_medmnist
+from medtl.config import Config, DataConfig, available_memory, format_bytes, memory_budget_bytes
+from medtl.data._memory import image_limit, out_of_memory_reason
+from medtl.data.manifest import Case, canonical_labels, read_labelled_folder, read_manifest, read_medmnist
 from medtl.data.transforms import preprocess_transform
 from medtl.errors import ConfigError, DataError, UnreadableFileError
 
@@ -72,23 +78,30 @@ def load_cases(data: DataConfig, path: str | Path) -> list[Case]:
     return cases
 
 
-def _decode(case: Case) -> tuple[np.ndarray, tuple[float, ...] | None]:
+def _decode(case: Case, max_bytes: int | None = None) -> tuple[np.ndarray, tuple[float, ...] | None]:
     """Raw channel-first pixels and their spacing in mm (``None`` when unknown)."""
     if case.array is not None:
         return np.asarray(case.array, dtype=np.float32), None
     from medtl.data.readers import read_image
 
-    img = read_image(case.path)
+    img = read_image(case.path, max_bytes=max_bytes)
     return img.array, tuple(img.spacing)
 
 
 def prepare(cfg: Config, cases: Sequence[Case] | None = None, *, progress: bool = True,
-            require_all_classes: bool = True) -> PreparedData:
+            require_all_classes: bool = True, min_patients_per_class: int | None = None) -> PreparedData:
     """Decode and preprocess every case once.
 
+    Args:
+        require_all_classes: refuse data with fewer than two classes, or a configured class
+            without cases (training needs them; prediction does not).
+        min_patients_per_class: refuse a class held by fewer patients, e.g. ``cv.n_splits`` for
+            stratified k-fold CV; checked on the labels before decoding and again after.
+
     Raises:
-        DataError: unreadable files with ``on_error=raise`` (all of them listed), a class
-            with no readable case, or unknown labels with configured ``class_names``.
+        DataError: unreadable files with ``on_error=raise`` (all of them listed), a single
+            class, a class with no readable case or too few patients, unknown labels with
+            configured ``class_names``, or a cache larger than ``data.memory_budget``.
     """
     data = cfg.data
     if data.spatial_dims != len(data.image_size):
@@ -97,12 +110,15 @@ def prepare(cfg: Config, cases: Sequence[Case] | None = None, *, progress: bool 
                           "volumes, or spatial_dims: 2 with [H, W] for images.")
     if cases is None:
         cases = load_cases(data, cfg.resolved_data_path())
+    if require_all_classes:
+        _check_classes(data, cases, min_patients_per_class, decoded=False)
+    _check_cache_fits(data, len(cases))
     transform = preprocess_transform(data.intensity, data.image_size, spacing=data.spacing)
     want_dims = len(data.image_size)
     images, kept, skipped = [], [], []
     for case in _progress(cases, "Decoding scans", progress):
         try:
-            raw, spacing = _decode(case)
+            raw, spacing = _decode(case, image_limit(data.memory_budget))
             raw = _match_dims(raw, want_dims, case)
             if spacing is not None and len(spacing) != want_dims:
                 spacing = spacing[-want_dims:]
@@ -116,6 +132,9 @@ def prepare(cfg: Config, cases: Sequence[Case] | None = None, *, progress: bool 
             kept.append(case)
         except UnreadableFileError as err:
             skipped.append({"case_id": case.case_id, "path": case.path, "reason": err.reason})
+        except MemoryError:
+            skipped.append({"case_id": case.case_id, "path": case.path,
+                            "reason": out_of_memory_reason("decoding or preprocessing")})
     if skipped and data.on_error == "raise":
         lines = "\n  ".join(f"{s['path'] or s['case_id']}: {s['reason']}" for s in skipped[:30])
         more = f"\n  ... and {len(skipped) - 30} more" if len(skipped) > 30 else ""
@@ -130,11 +149,83 @@ def prepare(cfg: Config, cases: Sequence[Case] | None = None, *, progress: bool 
     if unknown:
         raise DataError(f"Labels {unknown} are not in data.class_names={class_names}. Add them or fix the labels.")
     y = np.array([index[c.label] for c in kept], dtype=np.int64)
-    missing = [name for i, name in enumerate(class_names) if not (y == i).any()]
-    if missing and require_all_classes:
-        raise DataError(f"Class(es) {missing} have no readable case; a classifier cannot be trained. "
-                        "Check the labels or data.class_names.")
-    return PreparedData(np.stack(images).astype(np.float32), y, list(kept), class_names, skipped)
+    if require_all_classes:
+        _check_classes(data, kept, min_patients_per_class, decoded=True, n_skipped=len(skipped))
+    try:
+        stacked = np.stack(images).astype(np.float32, copy=False)
+    except MemoryError:
+        raise DataError(f"The {len(images)} decoded image(s) do not fit in memory ({format_bytes(available_memory())} "
+                        "available). Lower data.image_size, set data.max_cases for a trial, or free memory.") from None
+    return PreparedData(stacked, y, list(kept), class_names, skipped)
+
+
+def _cache_bytes(data: DataConfig, n_cases: int) -> int:
+    """Bytes of the decoded cache: ``n_cases`` x channels x ``prod(image_size)`` float32."""
+    channels = len(data.intensity.windows) if data.intensity.mode == "multiwindow" else 1
+    return n_cases * channels * int(np.prod([int(s) for s in data.image_size])) * 4
+
+
+def _check_cache_fits(data: DataConfig, n_cases: int) -> None:
+    """Refuse a run whose decoded cache would not fit in ``data.memory_budget``, before decoding."""
+    need, budget = _cache_bytes(data, n_cases), memory_budget_bytes(data.memory_budget)
+    if need <= budget:
+        return
+    source = (f"data.memory_budget={format_bytes(budget)}" if data.memory_budget is not None else
+              f"{format_bytes(budget)}: half the available memory; set data.memory_budget to change it")
+    size = "x".join(str(s) for s in data.image_size)
+    raise DataError(f"The decoded images would need {format_bytes(need)} ({n_cases} cases at {size} as float32), "
+                    f"more than the memory budget ({source}). Lower data.image_size, set data.max_cases for a "
+                    "trial, or raise data.memory_budget if the machine has the memory.")
+
+
+def _check_classes(data: DataConfig, cases: Sequence[Case], min_patients: int | None, *, decoded: bool,
+                   n_skipped: int = 0) -> None:
+    """At least two classes, every configured class present, and ``min_patients`` patients per class."""
+    labelled = [c for c in cases if c.label is not None]
+    if not labelled:
+        return
+    counts: dict[str, int] = {}
+    patients: dict[str, set[str]] = {}
+    for c in labelled:
+        counts[c.label] = counts.get(c.label, 0) + 1
+        patients.setdefault(c.label, set()).add(c.patient_id)
+    where = "readable case" if decoded else "case"
+    after = f" (after {n_skipped} unreadable file(s) were skipped)" if decoded and n_skipped else ""
+    column = {"folder": "data.labels.label_column", "manifest": "data.label_column"}.get(data.format)
+    names = _configured_names(data)
+    if names is not None:
+        missing = [n for n in names if n not in counts]
+        if missing:
+            raise DataError(f"Class(es) {missing} of data.class_names have no {where}{after}; a classifier cannot "
+                            f"be trained. The labels present are {sorted(counts)}. Check the labels"
+                            f"{f' ({column})' if column else ''} or data.class_names.")
+    if len(counts) < 2:
+        (only, n), = counts.items()
+        raise DataError(f"Only one class is present: all {n} labelled {where}s{after} have label '{only}' "
+                        f"({len(patients[only])} patient(s)). A classifier needs at least two classes. "
+                        + (f"Check that {column} names the label column, or add" if column else "Add")
+                        + " cases of the other class(es).")
+    if min_patients is not None:
+        few = {k: len(v) for k, v in patients.items() if len(v) < min_patients}
+        if few:
+            listing = ", ".join(f"'{k}' ({v} patient{'s' if v != 1 else ''})" for k, v in sorted(few.items()))
+            lowest = min(len(v) for v in patients.values())
+            advice = (f"Lower cv.n_splits to {lowest}, or add patients of that class." if lowest >= 2 else
+                      "Add patients of that class, or remove it.")
+            raise DataError(f"Class(es) {listing} have fewer patients than the {min_patients} folds{after}: "
+                            f"stratified k-fold CV puts every class in each fold. {advice}")
+
+
+def _configured_names(data: DataConfig) -> list[str] | None:
+    """``data.class_names`` in the labels' canonical spelling (``["0.0", "1.0"]`` -> ``["0", "1"]``)."""
+    if not data.class_names:
+        return None
+    mapping = canonical_labels(data.class_names, "data.class_names")
+    names = [mapping[n] for n in data.class_names]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.class_names={list(data.class_names)} name one class twice once spelled the same "
+                          f"way ({names}). Give each class once.")
+    return names
 
 
 def _match_dims(raw: np.ndarray, want_dims: int, case: Case) -> np.ndarray:
@@ -152,7 +243,7 @@ def _match_dims(raw: np.ndarray, want_dims: int, case: Case) -> np.ndarray:
 
 def _class_names(data: DataConfig, cases: Sequence[Case]) -> list[str]:
     if data.class_names:
-        return list(data.class_names)
+        return _configured_names(data)
     labels = sorted({c.label for c in cases}, key=_natural)
     # MedMNIST cases come with names in index order; keep it.
     if data.format == "medmnist":

@@ -3,7 +3,13 @@
 Arrays are float32 and channel-first: ``(C, H, W)`` for 2D images, ``(C, D, H, W)`` for
 3D volumes, with ``C = 1`` for grey and ``C = 3`` for colour. Every failure raises
 :class:`~medtl.errors.UnreadableFileError` with a specific reason (truncated file, no
-decoder installed, non-image DICOM object, 4D volume, NaN values, ...).
+decoder installed, non-image DICOM object, 4D volume, NaN values, symlink loop, ...).
+
+Memory is checked before decoding: the image size a header declares (DICOM rows x columns
+x frames x samples, the NIfTI shape, a Pillow image's size) is compared with a per-image
+limit (``max_bytes``, by default :func:`medtl.data._memory.image_limit`), so an oversized
+or corrupt header is refused by name. A ``MemoryError`` while decoding is a failure of that
+file too, never of the run.
 
 Example:
     >>> img = read_image("scans/ct_0001.dcm")           # doctest: +SKIP
@@ -13,6 +19,9 @@ Example:
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from medtl.data import _dicom
+from medtl.data._memory import FLOAT32, check_declared, image_limit, out_of_memory_reason
 from medtl.errors import UnreadableFileError
 
 __all__ = ["ScanImage", "read_image", "read_dicom_patient_id", "SUPPORTED_SUFFIXES"]
@@ -51,48 +61,76 @@ class ScanImage:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def read_image(path: str | Path) -> ScanImage:
+def read_image(path: str | Path, *, max_bytes: int | None = None) -> ScanImage:
     """Decode one image file or DICOM series folder.
 
     Dispatch: a folder → DICOM series (sorted along the slice normal); ``.nii``/``.nii.gz`` →
     NIfTI; ``.png/.jpg/.jpeg/.tif/.tiff/.bmp`` → Pillow; ``.dcm``, ``.dicom``, no suffix or a
     ``DICM`` marker at byte 128 → DICOM.
 
+    Args:
+        max_bytes: the largest decoded image (float32 bytes) the header may declare; ``None``:
+            :func:`~medtl.data._memory.image_limit` (half the available memory).
+
     Returns:
         :class:`ScanImage` with a float32 ``(C, H, W)`` or ``(C, D, H, W)`` array.
 
     Raises:
-        UnreadableFileError: with a specific reason.
+        UnreadableFileError: with a specific reason (also for an image over ``max_bytes`` and
+            for a ``MemoryError`` while decoding).
 
     Example:
         >>> read_image("series_folder/").array.shape     # doctest: +SKIP
         (1, 120, 512, 512)
     """
     path = Path(path)
+    limit = image_limit() if max_bytes is None else int(max_bytes)
     try:
-        return _dispatch(path)
-    except (UnreadableFileError, MemoryError):
+        return _dispatch(path, limit)
+    except UnreadableFileError:
         raise
+    except MemoryError:
+        raise UnreadableFileError(path, out_of_memory_reason()) from None
+    except RecursionError:
+        raise UnreadableFileError(path, "corrupt file: its structure is nested too deeply to read "
+                                        "(RecursionError)") from None
     except Exception as exc:  # noqa: BLE001 - last resort: pydicom parses lazily, so errors surface anywhere
         raise UnreadableFileError(path, _dicom.describe_exception(exc)) from exc
 
 
-def _dispatch(path: Path) -> ScanImage:
-    if path.is_dir():
+def _stat(path: Path) -> os.stat_result:
+    """``os.stat(path)`` with a specific reason for a missing file, a broken link or a symlink loop."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UnreadableFileError(path, "file not found: a broken symbolic link (its target does not exist)") from None
+        raise UnreadableFileError(path, "file not found") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnreadableFileError(path, (
+                "symlink loop: the path is a symbolic link that leads back to itself (directly or through "
+                "other links); point it at the real file")) from None
+        if exc.errno == errno.ENOTDIR:
+            raise UnreadableFileError(path, "file not found") from None
+        raise UnreadableFileError(path, f"cannot open the file: {exc.strerror or exc}") from None
+
+
+def _dispatch(path: Path, limit: int) -> ScanImage:
+    st = _stat(path)
+    if stat.S_ISDIR(st.st_mode):
         with _dicom.quiet():
-            return _read_dicom_series(path)
-    if not path.exists():
-        raise UnreadableFileError(path, "file not found")
-    if path.stat().st_size == 0:
+            return _read_dicom_series(path, limit)
+    if st.st_size == 0:
         raise UnreadableFileError(path, "empty file (0 bytes): the export or copy did not finish")
     name = path.name.lower()
     if name.endswith(_NIFTI_SUFFIXES):
-        return _read_nifti(path)
+        return _read_nifti(path, limit)
     if name.endswith(_PILLOW_SUFFIXES):
-        return _read_pillow(path)
+        return _read_pillow(path, limit)
     if _looks_like_dicom_name(path) or _dicom.has_dicom_magic(path):
         with _dicom.quiet():
-            return _read_dicom_file(path)
+            return _read_dicom_file(path, limit, st.st_size)
     raise UnreadableFileError(path, (
         f"unsupported file type {path.suffix!r}; medtl reads {', '.join(SUPPORTED_SUFFIXES)}, "
         "DICOM files without a suffix and DICOM series folders"))
@@ -113,9 +151,7 @@ def read_dicom_patient_id(path: str | Path) -> str | None:
         'P-3fa81c02de'
     """
     path = Path(path)
-    if not path.exists():
-        raise UnreadableFileError(path, "file not found")
-    files = _series_files(path) if path.is_dir() else [path]
+    files = _series_files(path) if stat.S_ISDIR(_stat(path).st_mode) else [path]
     ids: list[str] = []
     for file in files:
         try:
@@ -145,9 +181,17 @@ def _looks_like_dicom_name(path: Path) -> bool:
     return suffix in _DICOM_SUFFIXES or suffix == "" or suffix[1:].isdigit()
 
 
-def _read_dicom_file(path: Path) -> ScanImage:
+def _read_dicom_file(path: Path, limit: int, size: int | None = None) -> ScanImage:
+    if size is not None and size > limit:
+        # a file larger than an image may be: check what its header declares before reading the pixels
+        head = _dicom.read_dataset(path, stop_before_pixels=True)
+        _dicom.check_declared_size(head, path, limit)
+        if size > 2 * limit:  # a small image in a file that alone would fill the available memory
+            raise UnreadableFileError(path, (
+                f"file too large: {_dicom.format_bytes(size)} on disk, more than twice the per-image memory limit "
+                f"of {_dicom.format_bytes(limit)} (the smaller of data.memory_budget and half the available memory)"))
     ds = _dicom.read_dataset(path)
-    pixels = _dicom.decode_dataset(ds, path)
+    pixels = _dicom.decode_dataset(ds, path, max_bytes=limit)
     array = _invert_if_monochrome1(pixels.array, pixels.photometric)
     row, col = _dicom.row_col_spacing(ds)
     meta = _dicom.dicom_meta(ds)
@@ -178,7 +222,7 @@ def _series_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _read_dicom_series(folder: Path) -> ScanImage:
+def _read_dicom_series(folder: Path, limit: int) -> ScanImage:
     files = _series_files(folder)
     if not files:
         raise UnreadableFileError(folder, "empty folder: no files to read as a DICOM series")
@@ -201,12 +245,13 @@ def _read_dicom_series(folder: Path) -> ScanImage:
             f"{non_image} DICOM objects without Pixel Data)"))
     _check_single_series(folder, [ds for _, ds in instances])
     if len(instances) == 1:
-        return _read_dicom_file(instances[0][0])
+        return _read_dicom_file(instances[0][0], limit)
+    _dicom.check_declared_size(instances[0][1], folder, limit, n_slices=len(instances))
     ordered, slice_spacing, how = _sort_slices(folder, instances)
     slices, rescaled, photometric = [], True, ""
     for file, ds in ordered:
         try:
-            pixels = _dicom.decode_dataset(ds, file)
+            pixels = _dicom.decode_dataset(ds, file, max_bytes=limit)
         except UnreadableFileError as exc:
             raise UnreadableFileError(folder, f"{file.name}: {exc.reason}") from None
         slices.append(pixels.array)
@@ -327,16 +372,20 @@ def _check_even_steps(folder: Path, steps: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- NIfTI
-def _read_nifti(path: Path) -> ScanImage:
+def _read_nifti(path: Path, limit: int) -> ScanImage:
     import nibabel as nib  # local: nibabel is only needed for NIfTI input
 
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path))  # the header only: the voxels are read by get_fdata below
     except nib.filebasedimages.ImageFileError:
         raise UnreadableFileError(path, "not a valid NIfTI file: nibabel cannot read its header") from None
+    except nib.spatialimages.HeaderDataError as exc:
+        raise UnreadableFileError(path, f"not a valid NIfTI file: invalid header ({_dicom.short(exc)})") from None
     except (EOFError, OSError) as exc:
         raise UnreadableFileError(path, f"truncated or corrupt NIfTI file: {exc}") from None
     shape = tuple(int(s) for s in img.shape)
+    if any(s < 0 for s in shape):
+        raise UnreadableFileError(path, f"not a valid NIfTI file: negative extent in its header shape {shape}")
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) > 3:
@@ -345,6 +394,8 @@ def _read_nifti(path: Path) -> ScanImage:
             "one time point, e.g. with nibabel `img.slicer[..., 0]`"))
     if len(shape) < 2 or 0 in shape:
         raise UnreadableFileError(path, f"empty or 1D image (shape {shape})")
+    check_declared(path, shape, FLOAT32, limit=limit, what=f"a {len(shape)}D image of {' x '.join(map(str, shape))} "
+                   f"voxels ({img.get_data_dtype()} on disk)")
     try:
         img = nib.as_closest_canonical(img)  # RAS+: the same anatomy lands on the same axes
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(img.shape[:len(shape)])
@@ -368,13 +419,19 @@ def _read_nifti(path: Path) -> ScanImage:
 
 
 # --------------------------------------------------------------------------- Pillow
-def _read_pillow(path: Path) -> ScanImage:
+def _read_pillow(path: Path, limit: int) -> ScanImage:
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # the header only: pixels are decoded per frame below
             fmt = img.format
-            frames = [_pil_to_array(frame) for frame in ImageSequence.Iterator(img)]
+            frames, declared = [], 0
+            for frame in ImageSequence.Iterator(img):
+                channels = 1 if len(frame.getbands()) == 1 else 3
+                declared += frame.width * frame.height * channels
+                check_declared(path, (declared,), FLOAT32, limit=limit, what=(
+                    f"{len(frames) + 1} page(s) of {frame.width} x {frame.height} pixels x {channels} channel(s)"))
+                frames.append(_pil_to_array(frame))
     except UnidentifiedImageError:
         raise UnreadableFileError(path, f"not a valid {path.suffix.lstrip('.').upper()} image: Pillow "
                                         "cannot identify the file format") from None

@@ -183,3 +183,80 @@ def test_real_ct_contrast_export(shared_data: Path) -> None:
     assert report["intensity"]["per_label"]["0"]["hu_range"][0] <= -1000
     assert has_findings(report)
     assert "TCGA-" not in json.dumps(report)
+
+
+# --------------------------------------------------------------------------- hostile inputs
+def test_redaction_replaces_whole_values_only(tmp_path: Path) -> None:
+    """With patient ids ``1`` and ``3`` a reason ``NumberOfFrames=3`` stays readable; ids as whole path
+    components or tokens are still pseudonymised."""
+    from medtl.errors import UnreadableFileError
+
+    pseudo = Pseudonymizer(salt=SALT)
+    cases = [Case("a", str(tmp_path / "3" / "scan.dcm"), "0", "3"),
+             Case("b", str(tmp_path / "MRN-77_ct.dcm"), "1", "MRN-77"),
+             Case("c", str(tmp_path / "ok.dcm"), "1", "1")]
+
+    def load(case: Case):
+        raise UnreadableFileError(case.path, "invalid header value: NumberOfFrames=3 but 1 frame of 512 x 512 "
+                                             f"in {Path(case.path).name}")
+
+    report = audit_cases(cases, load=load, pseudonymize=pseudo, progress=False)
+    by_id = {u["case_id"]: u for u in report["unreadable"]}
+    assert by_id["a"]["path"] == str(tmp_path / pseudo("3") / "scan.dcm")
+    assert by_id["a"]["reason"] == "invalid header value: NumberOfFrames=3 but 1 frame of 512 x 512 in scan.dcm"
+    assert by_id["b"]["path"] == str(tmp_path / f"{pseudo('MRN-77')}_ct.dcm")
+    assert pseudo("MRN-77") in by_id["b"]["reason"] and "MRN-77" not in json.dumps(report)
+    assert "P-" not in by_id["c"]["reason"]
+
+
+def test_privacy_redactor_contract() -> None:
+    from medtl.data.privacy import make_redactor
+
+    redact = make_redactor(["1", "MRN123", "DOE_JOHN"], lambda i: f"<{i}>")
+    assert redact("NumberOfFrames=1 of 1 x 1") == "NumberOfFrames=1 of 1 x 1"
+    assert redact("1") == "<1>" and redact("/data/1/x.dcm") == "/data/<1>/x.dcm" and redact(None) is None
+    assert redact("/d/MRN123_ct.dcm MRN1234 XMRN123") == "/d/<MRN123>_ct.dcm MRN1234 XMRN123"
+    assert redact("/d/DOE_JOHN/a.dcm") == "/d/<DOE_JOHN>/a.dcm"
+    assert make_redactor(["1"], lambda i: i)("/data/1") == "/data/1"  # reveal_ids: nothing to hide
+
+
+def test_symlink_loop_and_memory_errors_are_unreadable_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "loop.dcm").symlink_to("loop.dcm")
+    cases = [Case("loop", str(tmp_path / "loop.dcm"), "0", "P1"),
+             Case("oom", str(tmp_path / "x.dcm"), "1", "P2")]
+
+    def load(case: Case):
+        if case.case_id == "oom":
+            raise MemoryError
+        return read_image(case.path)
+
+    report = audit_cases(cases, load=load, progress=False)
+    reasons = {u["case_id"]: u["reason"] for u in report["unreadable"]}
+    assert reasons["loop"].startswith("symlink loop: the path is a symbolic link that leads back to itself")
+    assert reasons["oom"].startswith("out of memory while decoding this file (MemoryError;")
+    assert "2 files unreadable" in report["findings"][0]
+
+
+def test_audit_memory_budget_refuses_large_declared_images(tmp_path: Path) -> None:
+    path = write_ct(tmp_path / "a.dcm", smooth_image(1, size=64), "P1", "ACME")
+    report = audit_cases([Case("a", path, "0", "P1")], progress=False, memory_budget=1000)
+    assert report["unreadable"][0]["reason"].startswith("image too large to decode: its header declares 64 x 64 "
+                                                        "pixels x 1 sample = 16.4 KB as float32")
+    with pytest.raises(ConfigError, match="'memory_budget' parameter of audit_cases"):
+        audit_cases([], progress=False, memory_budget="lots")
+
+
+def test_canonicalised_label_spellings_are_noted_once(tmp_path: Path) -> None:
+    from medtl.data.manifest import read_manifest
+
+    rows = ["path,label,patient_id"]
+    for i, label in enumerate(["0", "1.0", "1", "0.0", "1"]):
+        rows.append(f"{write_ct(tmp_path / f'{i}.dcm', smooth_image(i), f'P{i}', 'ACME')},{label},P{i}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    report = audit_cases(read_manifest(tmp_path / "m.csv"), progress=False)
+    assert report["label_spellings"] == {"0": {"0.0": 1}, "1": {"1.0": 1}}
+    assert report["notes"] == ["labels canonicalised: '0.0' -> '0' (1 case), '1.0' -> '1' (1 case)"]
+    assert set(report["class_balance"]) == {"0", "1"}
+    console = Console(record=True, width=200)
+    print_audit_summary(report, console)
+    assert "note: labels canonicalised: '0.0' -> '0' (1 case)" in console.export_text()

@@ -92,11 +92,11 @@ def test_prepare_decodes_once_and_lists_unreadable(tmp_path, monkeypatch, shared
     rows = ["path,label,patient_id", f"{samples / 'CT_small.dcm'},a,P1", f"{samples / 'MR_small.dcm'},b,P2",
             f"{samples / 'MR_truncated.dcm'},a,P3", f"{samples / 'rtplan.dcm'},b,P4"]
     m = _write(tmp_path, "\n".join(rows) + "\n")
-    import medtl.data.readers as readers
+    from medtl.data import readers
 
     calls = []
     real = readers.read_image
-    monkeypatch.setattr(readers, "read_image", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(readers, "read_image", lambda p, **kw: calls.append(p) or real(p, **kw))
     cfg = load_config({"data": {"path": str(m), "image_size": [32, 32]}})
     with pytest.raises(DataError) as err:
         prepare(cfg, progress=False)
@@ -121,3 +121,149 @@ def test_resample_keeps_physical_size():
     assert a.shape == b.shape == (1, 64, 64)
     assert abs(float((a > 0.5).sum()) - float((b > 0.5).sum())) < 30
     assert abs(float((a > 0.5).sum()) - np.pi * 25 ** 2) < 120
+
+
+# --------------------------------------------------------------------------- labels mean what they say
+def test_numeric_and_boolean_spellings_are_one_class_each(tmp_path, caplog):
+    from medtl.data.manifest import label_spellings
+
+    cases = read_manifest(_write(tmp_path, "path,label,patient_id\na,0,P1\nb,1.0,P2\nc, 1,P3\nd,0.0,P4\ne,+1,P5\n"))
+    assert [c.label for c in cases] == ["0", "1", "1", "0", "1"]
+    assert label_spellings(cases) == {"0": {"0.0": 1}, "1": {"+1": 1, "1.0": 1}}  # " 1" is just spacing
+    assert "labels canonicalised: '0.0' -> '0' (1 row), '+1' -> '1' (1 row), '1.0' -> '1' (1 row)" in caplog.text
+    cases = read_manifest(_write(tmp_path, "path,label,patient_id\na,True,P1\nb,true,P2\nc,FALSE,P3\nd,False,P4\n"))
+    assert [c.label for c in cases] == ["True", "True", "False", "False"]
+    assert label_spellings(cases) == {"False": {"FALSE": 1}, "True": {"true": 1}}
+
+
+def test_consistent_labels_are_left_alone(tmp_path, caplog):
+    cases = read_manifest(_write(tmp_path, "path,label,patient_id\na,benign,P1\nb,malignant,P2\nc,0.5,P3\n"))
+    assert [c.label for c in cases] == ["benign", "malignant", "0.5"] and all(c.raw_label is None for c in cases)
+    assert "canonicalised" not in caplog.text
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("path,label,patient_id\na,1,P1\nb,true,P2\nc,0,P3\n",
+     ("column 'label' mixes numeric labels ('0', '1') and true/false labels ('true'), so it is not clear which "
+      "are the same class. Spell each class one way")),
+    ("path,label,patient_id\na,Benign,P1\nb,benign,P2\nc,x,P3\n",
+     "spells one class several ways that differ only in letter case or spacing ('Benign', 'benign')"),
+    ("path,label,patient_id,label\na,0,P1,1\n",
+     "repeats column name(s) in its header: 'label' in columns 2, 4. A CSV reader keeps only the last"),
+    ("path, label,patient_id,label \na,0,P1,1\n", "'label' in columns 2, 4"),
+])
+def test_labels_that_cannot_be_read_one_way_are_refused(tmp_path, text, needle):
+    with pytest.raises(DataError) as err:
+        read_manifest(_write(tmp_path, text))
+    assert needle in str(err.value) and "m.csv" in str(err.value)
+
+
+def test_label_csv_with_repeated_columns_is_refused(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "labels.csv").write_text("file,label,label\na.dcm,0,1\n")
+    with pytest.raises(DataError, match=r"labels.csv' repeats column name\(s\) in its header: 'label' in columns 2, 3"):
+        read_labelled_folder(tmp_path / "img", tmp_path / "labels.csv", file_column="file", label_column="label")
+
+
+def test_symlink_loops_in_manifests_and_label_csvs_are_named(tmp_path):
+    (tmp_path / "loop.dcm").symlink_to("loop.dcm")
+    with pytest.raises(DataError, match=r"row 2: path 'loop.dcm' is a symlink loop"):
+        read_manifest(_write(tmp_path, "path,label,patient_id\nloop.dcm,0,P1\n"), root=tmp_path)
+    (tmp_path / "labels.csv").write_text("file,label,patient\nloop.dcm,0,P1\n")
+    with pytest.raises(DataError, match=r"row 2: file 'loop.dcm' is a symlink loop"):
+        read_labelled_folder(tmp_path, tmp_path / "labels.csv", file_column="file", label_column="label",
+                             patient_column="patient")
+
+
+def _manifest_of(tmp_path, labels, patients=None, n_missing=0):
+    rows = ["path,label,patient_id"]
+    for i, label in enumerate(labels):
+        rows.append(f"f{i}.dcm,{label},{patients[i] if patients else f'P{i}'}")
+    return _write(tmp_path, "\n".join(rows) + "\n")
+
+
+def test_a_single_class_is_refused_before_decoding(tmp_path, monkeypatch):
+    from medtl.data import readers
+
+    monkeypatch.setattr(readers, "read_image", lambda *a, **k: pytest.fail("nothing is decoded"))
+    cfg = load_config({"data": {"path": str(_manifest_of(tmp_path, ["1", "1.0", "1"])), "image_size": [16, 16]}})
+    with pytest.raises(DataError) as err:
+        prepare(cfg, progress=False)
+    assert str(err.value) == (
+        "Only one class is present: all 3 labelled cases have label '1' (3 patient(s)). A classifier needs at least "
+        "two classes. Check that data.label_column names the label column, or add cases of the other class(es).")
+
+
+def test_a_class_with_fewer_patients_than_folds_is_refused(tmp_path, monkeypatch):
+    from medtl.data import readers
+
+    monkeypatch.setattr(readers, "read_image", lambda *a, **k: pytest.fail("nothing is decoded"))
+    path = _manifest_of(tmp_path, ["0"] * 6 + ["1"] * 3, [f"P{i}" for i in range(6)] + ["Q1", "Q1", "Q2"])
+    cfg = load_config({"data": {"path": str(path), "image_size": [16, 16]}})
+    with pytest.raises(DataError) as err:
+        prepare(cfg, progress=False, min_patients_per_class=5)
+    assert str(err.value) == ("Class(es) '1' (2 patients) have fewer patients than the 5 folds: stratified k-fold CV "
+                              "puts every class in each fold. Lower cv.n_splits to 2, or add patients of that class.")
+
+
+def test_configured_class_names_take_the_labels_spelling(tmp_path, shared_data):
+    samples = shared_data / "dicom-samples"
+    path = _write(tmp_path, f"path,label,patient_id\n{samples / 'CT_small.dcm'},1.0,P1\n{samples / 'MR_small.dcm'},0,P2\n")
+    cfg = load_config({"data": {"path": str(path), "image_size": [16, 16], "class_names": ["0.0", "1.0"]}})
+    data = prepare(cfg, progress=False)
+    assert data.class_names == ["0", "1"] and data.y.tolist() == [1, 0]
+    cfg = load_config({"data": {"path": str(path), "image_size": [16, 16], "class_names": ["0", "2"]}})
+    with pytest.raises(DataError, match=r"Class\(es\) \['2'\] of data.class_names have no case; .* The labels present "
+                                        r"are \['0', '1'\]"):
+        prepare(cfg, progress=False)
+
+
+def test_a_cache_over_the_memory_budget_is_refused_before_decoding(tmp_path, monkeypatch):
+    from medtl.data import readers
+
+    monkeypatch.setattr(readers, "read_image", lambda *a, **k: pytest.fail("nothing is decoded"))
+    path = _manifest_of(tmp_path, ["0", "1"] * 10)
+    cfg = load_config({"data": {"path": str(path), "image_size": [512, 512], "memory_budget": "16MiB"},
+                       "train": {"batch_size": 8}, "explain": {"batch_size": 8}})
+    with pytest.raises(DataError) as err:
+        prepare(cfg, progress=False)
+    assert str(err.value).startswith("The decoded images would need 21 MB (20 cases at 512x512 as float32), more "
+                                     "than the memory budget (data.memory_budget=16.8 MB). Lower data.image_size")
+
+
+def test_the_memory_budget_limits_each_file_and_memory_errors_are_per_file(tmp_path, monkeypatch, shared_data):
+    import importlib
+
+    prep = importlib.import_module("medtl.data.prepare")  # the package attribute is the function
+    samples = shared_data / "dicom-samples"
+    path = _write(tmp_path, f"path,label,patient_id\n{samples / 'CT_small.dcm'},0,P1\n"
+                            f"{samples / 'MR_small.dcm'},1,P2\n")
+    cfg = load_config({"data": {"path": str(path), "image_size": [16, 16], "on_error": "skip",
+                                "memory_budget": "16MiB"}, "train": {"batch_size": 2}})
+    seen = []
+    real = prep._decode
+    monkeypatch.setattr(prep, "_decode", lambda case, limit=None: seen.append(limit) or real(case, limit))
+    prepare(cfg, progress=False)
+    assert seen and all(limit <= 16 << 20 for limit in seen)
+
+    real_transform = prep.preprocess_transform
+
+    def transform(*args, **kwargs):
+        t = real_transform(*args, **kwargs)
+        calls = []
+
+        def run(raw, spacing):
+            calls.append(1)
+            if len(calls) == 1:
+                raise MemoryError
+            return t(raw, spacing)
+        return run
+
+    monkeypatch.setattr(prep, "preprocess_transform", transform)
+    with pytest.raises(DataError) as err:  # the other file alone is one class
+        prepare(cfg, progress=False)
+    assert "after 1 unreadable file(s) were skipped" in str(err.value)
+    cfg = load_config({"data": {"path": str(path), "image_size": [16, 16], "on_error": "raise"}})
+    with pytest.raises(DataError, match=r"CT_small.dcm: out of memory while decoding or preprocessing this file "
+                                        r"\(MemoryError;"):
+        prepare(cfg, progress=False)

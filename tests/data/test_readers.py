@@ -177,7 +177,7 @@ def test_unexpected_errors_are_wrapped(tmp_path: Path, monkeypatch: pytest.Monke
     from medtl.data import _dicom
 
     path = write_dicom(tmp_path / "ct.dcm", np.zeros((2, 2), np.uint16))
-    monkeypatch.setattr(_dicom, "decode_dataset", lambda ds, p: 1 / 0)
+    monkeypatch.setattr(_dicom, "decode_dataset", lambda ds, p, **kw: 1 / 0)
     with pytest.raises(UnreadableFileError, match="unexpected decoder error: ZeroDivisionError"):
         read_image(path)
 
@@ -463,3 +463,151 @@ def test_validations_still_fire_on_the_fast_path(tmp_path: Path) -> None:
     ds.save_as(tmp_path / "nf.dcm", enforce_file_format=True)
     with pytest.raises(UnreadableFileError, match="empty image: .*NumberOfFrames=0"):
         read_image(tmp_path / "nf.dcm")
+
+
+# --------------------------------------------------------------------------- memory: declared size before decoding
+def _claiming(path: Path, transfer_syntax: str | None = None, *, rows: int = 65535, frames: int = 60000) -> Path:
+    """A DICOM file whose header claims ``frames`` frames of ``rows`` x ``rows`` (pixel data: one tiny fragment)."""
+    from pydicom.encaps import encapsulate
+
+    write_dicom(path, np.zeros((4, 4), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.Rows = ds.Columns = rows
+    ds.NumberOfFrames = frames
+    if transfer_syntax is not None:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.PixelData = encapsulate([b"\0" * 64])
+        ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.5", JPEG2000Lossless, None], ids=["rle", "j2k", "native"])
+def test_dicom_declaring_a_huge_image_is_refused_before_decoding(tmp_path: Path, syntax, monkeypatch) -> None:
+    from medtl.data import _dicom
+
+    path = _claiming(tmp_path / "huge.dcm", syntax)
+    monkeypatch.setattr(_dicom, "get_decoder", lambda ts: pytest.fail("the decoder must not be reached"))
+    with pytest.raises(UnreadableFileError) as exc:
+        read_image(path, max_bytes=2**30)
+    assert exc.value.path == str(path)
+    assert exc.value.reason.startswith(
+        "image too large to decode: its header declares 60000 frames of 65535 x 65535 pixels x 1 sample = 1.03 PB "
+        "as float32, over the per-image memory limit of 1.07 GB"), exc.value.reason
+
+
+def test_declared_size_within_the_limit_decodes(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "ok.dcm", np.zeros((64, 64), np.uint16))
+    assert read_image(path, max_bytes=64 * 64 * 4).array.shape == (1, 64, 64)
+    with pytest.raises(UnreadableFileError, match=r"declares 64 x 64 pixels x 1 sample = 16.4 KB as float32, over "
+                                                  r"the per-image memory limit of 16.4 KB"):
+        read_image(path, max_bytes=64 * 64 * 4 - 1)
+
+
+def test_a_series_is_checked_as_a_whole(tmp_path: Path) -> None:
+    _series(tmp_path / "s", n=5, shape=(6, 5))
+    assert read_image(tmp_path / "s", max_bytes=5 * 6 * 5 * 4).array.shape == (1, 5, 6, 5)
+    with pytest.raises(UnreadableFileError, match=r"declares 5 slices of 6 x 5 pixels x 1 sample = 600 B"):
+        read_image(tmp_path / "s", max_bytes=599)
+
+
+def test_a_file_larger_than_the_limit_is_checked_from_its_header_only(tmp_path: Path, monkeypatch) -> None:
+    from medtl.data import _dicom
+
+    path = write_dicom(tmp_path / "big.dcm", np.zeros((64, 64), np.uint16))
+    seen = []
+    real = _dicom.read_dataset
+    monkeypatch.setattr(_dicom, "read_dataset", lambda p, **kw: seen.append(kw) or real(p, **kw))
+    with pytest.raises(UnreadableFileError, match="declares 64 x 64 pixels x 1 sample = 16.4 KB as float32"):
+        read_image(path, max_bytes=1000)
+    assert seen == [{"stop_before_pixels": True}]  # pixel data never read
+
+
+def test_nifti_header_claiming_a_huge_volume_is_refused_before_reading_voxels(tmp_path: Path) -> None:
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((32000, 32000, 32000))
+    hdr.set_data_dtype(np.float32)
+    hdr["vox_offset"] = 352
+    (tmp_path / "huge.nii").write_bytes(hdr.binaryblock + b"\0" * 68)
+    with pytest.raises(UnreadableFileError) as exc:
+        read_image(tmp_path / "huge.nii", max_bytes=2**30)
+    assert exc.value.reason.startswith("image too large to decode: its header declares a 3D image of 32000 x 32000 "
+                                       "x 32000 voxels (float32 on disk) = 131 TB as float32"), exc.value.reason
+
+
+def test_gzip_nifti_bomb_is_refused_from_its_header(tmp_path: Path) -> None:
+    import gzip
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((256, 256, 256))
+    hdr.set_data_dtype(np.float32)
+    hdr["vox_offset"] = 352
+    member = gzip.compress(b"\0" * (1 << 20), 9)
+    with open(tmp_path / "bomb.nii.gz", "wb") as fh:  # 64 MiB of voxels in ~70 KB
+        fh.write(gzip.compress(hdr.binaryblock + b"\0" * 4) + member * 64)
+    with pytest.raises(UnreadableFileError, match=r"3D image of 256 x 256 x 256 voxels .* = 67.1 MB as float32"):
+        read_image(tmp_path / "bomb.nii.gz", max_bytes=32 << 20)
+    assert read_image(tmp_path / "bomb.nii.gz", max_bytes=128 << 20).array.shape == (1, 256, 256, 256)
+
+
+def test_pillow_image_over_the_limit_is_refused(tmp_path: Path) -> None:
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(UnreadableFileError, match=r"declares 1 page\(s\) of 30 x 40 pixels x 1 channel\(s\) = 4.8 KB"):
+        read_image(tmp_path / "a.png", max_bytes=4000)
+    assert read_image(tmp_path / "a.png", max_bytes=4800).array.shape == (1, 40, 30)
+
+
+def test_memory_error_while_decoding_is_a_failure_of_that_file(tmp_path: Path, monkeypatch) -> None:
+    from medtl.data import _dicom
+
+    path = write_dicom(tmp_path / "ct.dcm", np.zeros((2, 2), np.uint16))
+
+    def oom(ds, p, **kw):
+        raise MemoryError
+
+    monkeypatch.setattr(_dicom, "decode_dataset", oom)
+    with pytest.raises(UnreadableFileError) as exc:
+        read_image(path)
+    assert exc.value.path == str(path)
+    assert exc.value.reason.startswith("out of memory while decoding this file (MemoryError;"), exc.value.reason
+
+
+def test_corrupt_element_length_is_named_when_parsing_runs_out_of_memory(tmp_path: Path, monkeypatch) -> None:
+    import struct
+
+    path = write_dicom(tmp_path / "ct.dcm", np.zeros((4, 4), np.uint16), patient_id="MRN-1")
+    ds = pydicom.dcmread(path)
+    tell = ds.get_item(0x7FE00010).value_tell  # Pixel Data: OW, a 4-byte length in Explicit VR
+    raw = bytearray(path.read_bytes())
+    raw[tell - 4:tell] = struct.pack("<I", 0xF0000000)
+    path.write_bytes(bytes(raw))
+    real = pydicom.dcmread
+
+    def capped(*args, **kwargs):  # what a 4 GB address-space cap does to pydicom's 4 GB read
+        if kwargs.get("defer_size") is None:
+            raise MemoryError
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", capped)
+    with pytest.raises(UnreadableFileError) as exc:
+        read_image(path)
+    size = path.stat().st_size
+    assert exc.value.reason == (
+        f"truncated file or corrupt element length: data element (7FE0,0010) declares 4026531840 bytes (4.03 GB), "
+        f"more than the whole file ({size} bytes); reading it would need more memory than this process may use "
+        "(MemoryError)")
+    monkeypatch.setattr(pydicom, "dcmread", real)  # uncapped: pydicom reads to the end, the check names it
+    with pytest.raises(UnreadableFileError, match=r"truncated file: the Pixel Data declares 4026531840 bytes"):
+        read_image(path)
+
+
+def test_symlink_loop_and_broken_link_are_named(tmp_path: Path) -> None:
+    (tmp_path / "x.dcm").symlink_to("x.dcm")
+    with pytest.raises(UnreadableFileError) as exc:
+        read_image(tmp_path / "x.dcm")
+    assert exc.value.reason.startswith("symlink loop: the path is a symbolic link that leads back to itself")
+    with pytest.raises(UnreadableFileError, match="symlink loop"):
+        read_dicom_patient_id(tmp_path / "x.dcm")
+    (tmp_path / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    with pytest.raises(UnreadableFileError, match=r"^.*: file not found: a broken symbolic link"):
+        read_image(tmp_path / "gone.dcm")
