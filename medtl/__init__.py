@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from medtl._version import __version__
 from medtl.config import Config, load_config
-from medtl.errors import ConfigError, DataError, MedtlError, UnreadableFileError, WeightsError
+from medtl.errors import ConfigError, DataError, MedtlError, OutputError, UnreadableFileError, WeightsError
 from medtl.models import create_encoder, get_record, list_records
 from medtl.workflows import (
     RunDir,
@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "MedtlError",
+    "OutputError",
     "RunDir",
     "UnreadableFileError",
     "WeightsError",

@@ -5,13 +5,16 @@
     medtl train CONFIG --out DIR [--set k=v]    official split: train / val / test
     medtl cv CONFIG --out DIR [--set k=v]       patient-grouped stratified k-fold
     medtl explain RUN_DIR [--out DIR]           Grad-CAM / IG saliency report.html
-    medtl predict RUN_DIR --data PATH           fold ensemble on new scans (or a labelled manifest)
+    medtl predict RUN_DIR --data PATH           fold ensemble on new scans (or a labelled manifest);
+                                                [--write-id-map] for the identifying id -> path file
     medtl export RUN_DIR --format F             onnx | torchscript | monai-bundle, checked against PyTorch
     medtl compare RUN_A RUN_B                   paired DeLong test on the cases both runs predicted
     medtl rank CONFIG --candidates A,B,C        score encoders on your data without fine-tuning
     medtl weights list | show NAME | verify NAME
 
-User errors (bad config, data or weights) print one clear message and exit 2; no traceback.
+User errors (bad config, data or weights; a full disk or a read-only output folder; a
+checkpoint that fails its sha256 check without ``--trust-unverified``) print one clear
+message and exit 2; no traceback.
 Each command parses its arguments, calls one workflow of :mod:`medtl.workflows` and prints;
 nothing imports this module.
 """
@@ -42,6 +45,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
                                                      "--set train.epochs=5 (repeatable).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-unverified", help="Load checkpoints whose sha256 is missing or does "
+                                        "not match instead of refusing them; the outputs record it. Only for "
+                                        "files you trust.")]
 
 
 def main() -> None:
@@ -53,18 +59,52 @@ def main() -> None:
     try:
         app()
     except MedtlError as err:
-        console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False)
-        sys.exit(2)
+        _error(str(err))
+    except OSError as err:  # a full disk or a folder without write access where medtl does not write itself
+        message = _os_error_message(err)
+        if message is None:
+            _internal_error(err)
+        _error(message)
+    except MemoryError:  # decoding turns this into a per-file reason; here it is training or evaluation
+        _error("out of memory while running the workflow (the scans themselves were checked against "
+               "data.memory_budget before decoding). Lower train.batch_size or data.image_size, or use "
+               "train.device=cuda where a GPU has more memory.")
     except KeyboardInterrupt:
         console.print("interrupted; rerun the same command to resume finished folds.")
         sys.exit(130)
     except Exception as err:  # a bug in medtl, not the user's input: short message unless debugging
-        if os.environ.get("MEDTL_DEBUG"):
-            raise
-        console.print(Text.assemble(("internal error: ", "bold red"), f"{type(err).__name__}: {err}\nThis is a "
-                                    "medtl bug; rerun with MEDTL_DEBUG=1 to see the traceback and report it."),
-                      highlight=False)
-        sys.exit(3)
+        _internal_error(err)
+
+
+def _error(message: str) -> None:
+    console.print(Text.assemble(("error: ", "bold red"), message), highlight=False)
+    sys.exit(2)
+
+
+def _internal_error(err: BaseException) -> None:
+    if os.environ.get("MEDTL_DEBUG"):
+        raise err
+    console.print(Text.assemble(("internal error: ", "bold red"), f"{type(err).__name__}: {err}\nThis is a "
+                                "medtl bug; rerun with MEDTL_DEBUG=1 to see the traceback and report it."),
+                  highlight=False)
+    sys.exit(3)
+
+
+def _os_error_message(err: OSError) -> str | None:
+    """The user's message for a full disk, a quota or missing permissions; ``None`` for anything else."""
+    import errno
+
+    from medtl._io import OUTPUT_ERRNOS, output_error
+
+    if err.errno not in OUTPUT_ERRNOS:
+        return None
+    path = err.filename or err.filename2
+    if err.errno in (errno.EACCES, errno.EPERM):  # may be a file read as well as one written
+        where = f" for '{path}'" if path else ""
+        return (f"Permission denied{where} ({err.strerror or err}). Check the permissions of that file or folder, "
+                "or choose another --out folder.")
+    out = output_error(err, path or ".")
+    return str(out) if out is not None else None
 
 
 @app.command()
@@ -96,11 +136,11 @@ def cv(config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/ct
 def explain(run_dir: Annotated[Path, typer.Argument(help="A finished train or cv run directory.")],
             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write report.html "
                                                         "(default: the run directory).")] = None,
-            set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+            set_: SetOpt = None, quiet: QuietOpt = False, trust_unverified: TrustOpt = False) -> None:
     """Saliency (Grad-CAM, Integrated Gradients) on correct and wrong out-of-fold cases, with sanity checks."""
     from medtl.workflows import explain_run
 
-    path = explain_run(run_dir, out, overrides=set_, progress=not quiet)
+    path = explain_run(run_dir, out, overrides=set_, progress=not quiet, trust_unverified=trust_unverified)
     console.print(f"wrote {path}")
 
 
@@ -111,24 +151,35 @@ def predict(run_dir: Annotated[Path, typer.Argument(help="A finished cv or train
             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default RUN_DIR/predict).")] = None,
             tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Flip test-time augmentation "
                                                         "(default: as the run was trained).")] = None,
-            set_: SetOpt = None, quiet: QuietOpt = False) -> None:
-    """Predict new scans with the run's fold ensemble (temperature-scaled, averaged)."""
+            set_: SetOpt = None, quiet: QuietOpt = False,
+            write_id_map: Annotated[bool, typer.Option("--write-id-map", help="Also write IDENTIFYING_id_map.csv, "
+                                                       "linking the case ids (scan-0001, ...) to the scans' paths. "
+                                                       "Paths may name patients: do not share that file.")] = False,
+            trust_unverified: TrustOpt = False) -> None:
+    """Predict new scans with the run's fold ensemble (temperature-scaled, averaged).
+
+    Case ids are pseudonymous (scan-0001, ...); no output names a scan's path unless privacy.reveal_ids is set."""
     from medtl.workflows import predict as predict_workflow
 
-    res = predict_workflow(run_dir, data, out_dir=out, tta=tta, progress=not quiet, overrides=set_)
+    res = predict_workflow(run_dir, data, out_dir=out, tta=tta, progress=not quiet, overrides=set_,
+                           write_id_map=write_id_map, trust_unverified=trust_unverified)
     console.print(f"{res['n_cases']} case(s) predicted by {res['n_models']} model(s), {res['n_skipped']} skipped; "
-                  f"wrote {res['out_dir']}/predictions.csv")
+                  f"wrote {res['out_dir']}/predictions.csv, skipped.json, predict.json", highlight=False)
+    if res["id_map"]:
+        console.print(f"wrote {res['out_dir']}/{res['id_map']}: it links case ids to scan paths, which may "
+                      "identify patients; do not share it.", highlight=False)
 
 
 @app.command()
 def export(run_dir: Annotated[Path, typer.Argument(help="A finished cv or train run directory.")],
            format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript | monai-bundle")] = "onnx",
            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default RUN_DIR/export).")] = None,
-           atol: Annotated[float, typer.Option(help="Largest allowed |exported - PyTorch| probability.")] = 1e-4) -> None:
+           atol: Annotated[float, typer.Option(help="Largest allowed |exported - PyTorch| probability.")] = 1e-4,
+           trust_unverified: TrustOpt = False) -> None:
     """Export the run's predictor (fold ensemble -> probabilities) and verify it against PyTorch."""
     from medtl.workflows import export as export_workflow
 
-    rec = export_workflow(run_dir, format, out_dir=out, atol=atol)
+    rec = export_workflow(run_dir, format, out_dir=out, atol=atol, trust_unverified=trust_unverified)
     console.print(f"wrote {rec['path']} ({rec['n_models']} model(s)); max |diff| vs PyTorch {rec['max_abs_diff']:.2e}")
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "DataError",
     "UnreadableFileError",
     "WeightsError",
+    "OutputError",
     "did_you_mean",
 ]
 
@@ -50,6 +51,44 @@ class UnreadableFileError(DataError):
 
 class WeightsError(MedtlError):
     """Pretrained weights are missing, corrupt or do not fit the architecture."""
+
+
+class OutputError(MedtlError):
+    """An output could not be written: the disk (or quota) is full, or the folder is read-only.
+
+    Attributes:
+        folder: the output folder that could not be written.
+        reason: what the operating system said, e.g. ``"no space left on device"``.
+        needed: bytes the write needed, when known.
+        free: bytes free on the folder's filesystem, when known.
+
+    Example:
+        >>> str(OutputError("runs/x", "no space left on device", needed=2_000_000, free=1_000))
+        "Cannot write to 'runs/x': no space left on device (needs 2.0 MB, 1.0 kB free). Free some space or choose another --out folder; files written there earlier are intact."
+    """
+
+    def __init__(self, folder: str | Path, reason: str, *, needed: int | None = None, free: int | None = None,
+                 hint: str | None = None) -> None:
+        self.folder = str(folder)
+        self.reason = reason
+        self.needed = needed
+        self.free = free
+        sizes = [f"needs {format_bytes(needed)}" if needed is not None else "",
+                 f"{format_bytes(free)} free" if free is not None else ""]
+        sizes_text = ", ".join(s for s in sizes if s)
+        hint = hint or ("Free some space or choose another --out folder; files written there earlier are intact.")
+        super().__init__(f"Cannot write to '{self.folder}': {reason}"
+                         f"{f' ({sizes_text})' if sizes_text else ''}. {hint}")
+
+
+def format_bytes(n: float) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units, as ``df -H`` prints them)."""
+    n = float(n)
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{int(n)} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:

@@ -63,3 +63,41 @@ def test_weights_list_and_verify():
     assert r.returncode == 0 and "tf_efficientnet_lite0.in1k" in r.stdout
     r = medtl("weights", "verify", "tf_efficientnet_lite0.in1k")
     assert r.returncode == 0 and "OK" in r.stderr
+
+
+def test_trust_and_id_map_flags_are_offered():
+    helps = {cmd: medtl(cmd, "--help") for cmd in ("predict", "export", "explain")}
+    for cmd, r in helps.items():
+        assert r.returncode == 0 and "--trust-unverified" in r.stdout, cmd
+    assert "--write-id-map" in helps["predict"].stdout
+
+
+def test_os_errors_of_a_full_disk_or_missing_permissions_are_user_messages():
+    import errno
+
+    from medtl.cli import _os_error_message
+
+    full = _os_error_message(OSError(errno.ENOSPC, "No space left on device", "/no/such/run/roc.png"))
+    assert full.startswith("Cannot write to '/no/such/run': no space left on device while writing roc.png")
+    assert "free)" in full  # the free bytes of the nearest existing folder
+    denied = _os_error_message(PermissionError(errno.EACCES, "Permission denied", "/srv/run/metrics.json"))
+    assert "Permission denied for '/srv/run/metrics.json'" in denied and "--out" in denied
+    assert "read-only file system" in _os_error_message(OSError(errno.EROFS, "Read-only file system", "/ro/x"))
+    assert _os_error_message(FileNotFoundError(errno.ENOENT, "No such file", "/x")) is None  # not the user's disk
+
+
+def test_a_full_disk_in_a_workflow_exits_2_naming_the_folder(tmp_path):
+    """An output medtl does not write itself (here the config) meets a full disk: exit 2, not 3."""
+    code = ("import errno, os, sys\n"
+            "def full(fd, data):\n    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+            "os.write = full\nfrom medtl.cli import main\nsys.argv[0] = 'medtl'\nmain()\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  path: {tmp_path / 'm.csv'}\n")
+    (tmp_path / "m.csv").write_text("path,label,patient_id\na.dcm,0,P1\n")
+    r = subprocess.run([sys.executable, "-c", code, "cv", str(cfg), "--out", str(tmp_path / "run"), "-q"],
+                       check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
+    flat = " ".join(r.stderr.split())
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"Cannot write to '{tmp_path / 'run'}': no space left on device while writing config.yaml" in flat
+    assert "free)" in flat and "Traceback" not in r.stderr and "internal error" not in r.stderr
+    assert list((tmp_path / "run").iterdir()) == []  # no .config.yaml.tmp, no .part

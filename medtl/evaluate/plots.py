@@ -9,6 +9,7 @@ not switch the backend of a user's notebook session (a module-level
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
+from medtl._io import atomic_write_bytes
 from medtl.errors import DataError
 
 __all__ = ["plot_roc", "plot_confusion", "plot_training_curves", "plot_reliability"]
@@ -318,10 +320,10 @@ def _subplots(rows: int, cols: int, figsize: tuple[float, float]) -> tuple[Figur
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    """PNG written atomically (a full disk never leaves half a figure)."""
+    buf = io.BytesIO()
     try:
-        fig.savefig(out, dpi=_DPI, format="png")
+        fig.savefig(buf, dpi=_DPI, format="png")
     finally:
         fig.clear()  # release artists now; no pyplot registry holds the figure
-    return out
+    return atomic_write_bytes(path, buf.getvalue())

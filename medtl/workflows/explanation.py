@@ -89,7 +89,7 @@ def select_cases(rows: list[dict], class_names: list[str], n_correct: int, n_wro
 
 
 def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overrides: list[str] | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, trust_unverified: bool = False) -> Path:
     """Write ``report.html`` (and ``explain.json``) for a finished run; returns the report path.
 
     Args:
@@ -97,6 +97,8 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
         out_dir: where to write the report (default: ``run_dir``).
         overrides: ``--set`` style overrides, e.g. ``["explain.n_wrong=8", "explain.methods=[gradcam]"]``.
         progress: show a progress bar.
+        trust_unverified: load checkpoints whose sha256 is missing or wrong (recorded in
+            ``explain.json``); without it such a checkpoint is refused.
 
     Example:
         >>> explain_run("runs/demo", overrides=["explain.methods=[gradcam,ig,smoothgrad]"])  # doctest: +SKIP
@@ -135,8 +137,11 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
     randomization: dict[str, list[dict]] = {m: [] for m in ex.methods}
     curves: dict[str, list[dict]] = {m: [] for m in ex.methods}
     record_name, cam_layer = "", ""
+    checked: list[tuple[str, object, dict]] = []
     for key, fold_rows in _track(_by_model(wanted.values()), "Explaining folds", progress):
-        model = run.load_model(key)[0].to(device)
+        model, meta = run.load_model(key, trust_unverified=trust_unverified)
+        model = model.to(device)
+        checked.append((key, None, meta))
         record_name = model.weights_record.name
         ids = [r["id"] for r in fold_rows]
         x = torch.from_numpy(data.images[[by_id[i] for i in ids]])
@@ -197,7 +202,7 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
     summary = {"methods": list(ex.methods), "device": device_name(device), "seconds": seconds,
                "gradcam_layer": cam_layer, "pointing_tolerance_px": tol,
                "gallery": [r["id"] for r in gallery], "localisation": local, "randomization": sanity,
-               "faithfulness": faith, "ig_delta": deltas}
+               "faithfulness": faith, "ig_delta": deltas, **RunDir.trust_record(checked, trust_unverified)}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "explain.json", summary)
     return write_report(

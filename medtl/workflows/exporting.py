@@ -14,14 +14,16 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from medtl._io import write_json
+from medtl._io import atomic_write_bytes, atomic_write_text, ensure_free_space, output_error, write_json
 from medtl._version import __version__
 from medtl.errors import ConfigError, MedtlError
 from medtl.workflows.rundir import RunDir
@@ -51,20 +53,32 @@ def _example(cfg, in_chans: int, batch: int = 2) -> torch.Tensor:
     return torch.rand((batch, in_chans, *cfg.data.image_size), generator=g)
 
 
-def export(run_dir: str | Path, fmt: str = "onnx", *, out_dir: str | Path | None = None, atol: float = 1e-4) -> dict:
+def export(run_dir: str | Path, fmt: str = "onnx", *, out_dir: str | Path | None = None, atol: float = 1e-4,
+           trust_unverified: bool = False) -> dict:
     """Export ``run_dir``'s predictor as ``fmt`` (one of :data:`EXPORT_FORMATS`) into ``out_dir``
-    (default ``RUN_DIR/export``) and verify it against PyTorch. Returns the ``export.json`` record."""
+    (default ``RUN_DIR/export``) and verify it against PyTorch. Returns the ``export.json`` record.
+
+    Every checkpoint's sha256 is verified first; ``trust_unverified`` exports checkpoints that
+    do not verify anyway, and ``export.json`` records it (``"trust_unverified": true`` and
+    ``"unverified": {key: reason}``).
+
+    Raises:
+        UnverifiedCheckpointError: a checkpoint does not verify and ``trust_unverified`` is False.
+    """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"The 'format' parameter of export must be one of {EXPORT_FORMATS}. Got {fmt!r} instead.")
     run = RunDir(run_dir)
     cfg = run.read_config()
-    loaded = run.load_models()
+    loaded = run.load_models(trust_unverified=trust_unverified)
+    trust = run.trust_record(loaded, trust_unverified)
     meta = loaded[0][2]
     in_chans = int(meta.get("build", {}).get("in_chans", 1))
     predictor = EnsemblePredictor([m for _, m, _ in loaded],
                                   [float(mt.get("temperature") or 1.0) for _, _, mt in loaded]).eval()
-    out = Path(out_dir) if out_dir is not None else run.path / "export"
-    out.mkdir(parents=True, exist_ok=True)
+    out = RunDir(out_dir if out_dir is not None else run.path / "export").mkdir()
+    # the exported graph holds every weight: refuse a disk that cannot hold it before writing anything
+    n_bytes = sum(t.numel() * t.element_size() for t in [*predictor.parameters(), *predictor.buffers()])
+    ensure_free_space(out, n_bytes, f"the {fmt} export")
     x = _example(cfg, in_chans)
     with torch.inference_mode():
         ref = predictor(x).numpy()
@@ -81,7 +95,7 @@ def export(run_dir: str | Path, fmt: str = "onnx", *, out_dir: str | Path | None
                         "intensity": cfg.data.intensity.model_dump(), "spatial_dims": cfg.data.spatial_dims},
               "output": {"shape": ["B", len(meta["class_names"])], "kind": "probabilities"},
               "threshold": float(np.mean([float(mt.get("threshold", 0.5)) for _, _, mt in loaded])),
-              "medtl_version": __version__, "torch_version": torch.__version__}
+              **trust, "medtl_version": __version__, "torch_version": torch.__version__}
     write_json(out / "export.json", record)
     if not diff <= atol:
         raise MedtlError(f"Exported {fmt} model disagrees with PyTorch: max |diff| {diff:.2e} > atol {atol:.0e}. "
@@ -96,9 +110,17 @@ def _onnx(predictor: nn.Module, x: torch.Tensor, out: Path) -> tuple[Path, np.nd
         raise MedtlError("ONNX export needs onnx, onnxscript and onnxruntime: "
                          "pip install 'medtl[export]' (or pip install onnx onnxscript onnxruntime).") from exc
     path = out / "model.onnx"
-    torch.onnx.export(predictor, (x,), str(path), input_names=["image"], output_names=["probabilities"],
-                      dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}, dynamo=True,
-                      external_data=False)
+    tmp = out / ".model.onnx.part"  # moved into place once complete: a failed export leaves the old file
+    try:
+        torch.onnx.export(predictor, (x,), str(tmp), input_names=["image"], output_names=["probabilities"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}, dynamo=True,
+                          external_data=False)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and (err := output_error(exc, path)) is not None:
+            raise err from None
+        raise
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return path, sess.run(None, {"image": x.numpy()})[0]
 
@@ -107,7 +129,9 @@ def _torchscript(predictor: nn.Module, x: torch.Tensor, path: Path) -> tuple[Pat
     with torch.inference_mode():
         ts = torch.jit.trace(predictor, x, check_trace=False)
     ts = torch.jit.freeze(ts.eval()) if hasattr(torch.jit, "freeze") else ts
-    ts.save(str(path))
+    buf = io.BytesIO()
+    torch.jit.save(ts, buf)
+    atomic_write_bytes(path, buf.getvalue())
     loaded = torch.jit.load(str(path))
     with torch.inference_mode():
         return path, loaded(x).numpy()
@@ -148,9 +172,9 @@ def _bundle(predictor: nn.Module, x: torch.Tensor, out: Path, cfg, meta: dict, i
         "network_def": "$torch.jit.load(@bundle_root + '/models/model.ts')",
         "network": "$@network_def.to(@device).eval()",
     }
-    (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
-    (root / "docs" / "README.md").write_text(
+    atomic_write_text(root / "configs" / "metadata.json", json.dumps(metadata, indent=2))
+    atomic_write_text(root / "configs" / "inference.json", json.dumps(inference, indent=2))
+    atomic_write_text(root / "docs" / "README.md",
         f"# {cfg.name}\n\nExported by medtl {__version__}. Input: preprocessed scan {['B', in_chans, *cfg.data.image_size]}"
         f" in [0, 1] (intensity: {cfg.data.intensity.model_dump()}). Output: class probabilities for {names}.\n")
     parser = ConfigParser()

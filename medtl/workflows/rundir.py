@@ -9,8 +9,14 @@ nothing else parses the folder. Layout::
     RUN_DIR/predictions.csv    id, patient_id (pseudonym), site, fold, label, prob_<class>..., pred
     RUN_DIR/folds/<key>.json   one FoldRecord per finished fold (resume)
     RUN_DIR/checkpoints/<key>/ model.safetensors + meta.json (sha256, ModelSpec, preprocessing)
-    RUN_DIR/skipped.json       unreadable inputs with their reasons
+    RUN_DIR/skipped.json       unreadable inputs: case id and reason (paths only with privacy.reveal_ids)
     RUN_DIR/.pseudonym_salt    the per-run key of the patient pseudonyms (never shared)
+    PREDICT_DIR/IDENTIFYING_id_map.csv   case id -> scan path, only when asked for (``--write-id-map``)
+
+No output names a scan's path or file name unless ``privacy.reveal_ids`` is set: case ids
+are manifest rows (``row00007``), MedMNIST indices or, for ``medtl predict`` on a folder,
+``scan-0001`` in sorted path order. Checkpoints are sha256-verified on every load; one that
+does not verify is refused unless ``trust_unverified=True``, which the reading workflow records.
 
 Fold keys: ``fold3`` (k-fold), ``r1fold3`` (repeat 1 of repeated CV), ``site0``
 (leave-one-site-out), ``final`` (official split). A prediction row's ``fold`` column lists
@@ -36,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from medtl._io import atomic_write_text, read_json, write_json
+from medtl._io import atomic_write_text, output_error, read_json, write_json
 from medtl._version import __version__
-from medtl.config import Config, config_hash, dump_config, load_config
+from medtl.config import Config, config_hash, load_config
 from medtl.data.privacy import Pseudonymizer
 from medtl.errors import ConfigError, MedtlError
 from medtl.training.checkpoint import (
@@ -49,7 +55,7 @@ from medtl.training.checkpoint import (
     verify_checkpoint,
 )
 
-__all__ = ["FoldKey", "FoldRecord", "PredictionRow", "RunDir", "RunMetrics"]
+__all__ = ["FoldKey", "FoldRecord", "PredictionRow", "RunDir", "RunMetrics", "redact_skipped"]
 
 _KEY = re.compile(r"^(?:r(?P<repeat>\d+))?fold(?P<fold>\d+)$|^site(?P<site>\d+)$|^(?P<final>final)$")
 
@@ -167,6 +173,7 @@ class RunDir:
     """
 
     CONFIG, METRICS, PREDICTIONS, SKIPPED = "config.yaml", "metrics.json", "predictions.csv", "skipped.json"
+    ID_MAP = "IDENTIFYING_id_map.csv"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -187,7 +194,7 @@ class RunDir:
         medtl (before a field with a default was added) still counts as the same config and its
         finished folds are reused.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.mkdir()
         h = config_hash(cfg)
         self._hashes = {h}
         old = self.path / self.CONFIG
@@ -198,14 +205,20 @@ class RunDir:
                                  f"{h}). Use a new --out directory, or --no-resume to overwrite it.")
             if prev_hash:
                 self._hashes.add(prev_hash)
-        tmp = self.path / ".config.yaml.tmp"
-        try:
-            dump_config(cfg, tmp)
-            text = tmp.read_text(encoding="utf-8")
-        finally:
-            tmp.unlink(missing_ok=True)
-        atomic_write_text(old, text + f"_config_hash: {h}\n_medtl_version: {__version__}\n")
+        # written in one atomic step (no temporary config file to leave behind on a full disk)
+        atomic_write_text(old, _config_text(cfg) + f"_config_hash: {h}\n_medtl_version: {__version__}\n")
         return h
+
+    def mkdir(self) -> Path:
+        """Create the folder; a read-only or full filesystem is an :class:`~medtl.errors.OutputError`."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            err = output_error(exc, self.path)
+            if err is None:
+                raise
+            raise err from None
+        return self.path
 
     @staticmethod
     def _previous_hashes(path: Path) -> tuple[str | None, str | None]:
@@ -222,8 +235,23 @@ class RunDir:
     def write_json(self, name: str, obj) -> Path:
         return write_json(self.path / name, obj)
 
-    def write_skipped(self, skipped: list) -> Path:
-        return self.write_json(self.SKIPPED, skipped)
+    def write_skipped(self, skipped: list[dict], *, reveal_ids: bool = False) -> Path:
+        """``skipped.json``: ``[{"case_id", "reason"}]``; the file's path only with ``reveal_ids``
+        (a folder named after a patient must not reach an output), and removed from the reason."""
+        return self.write_json(self.SKIPPED, redact_skipped(skipped, reveal_ids=reveal_ids))
+
+    def write_id_map(self, pairs: list[tuple[str, str]], what: str) -> Path:
+        """``IDENTIFYING_id_map.csv``: case id -> path, for the user who asked for it.
+
+        Its name and its first line mark it as identifying; no other output holds paths.
+        ``what`` says what the paths are relative to."""
+        buf = io.StringIO()
+        buf.write(f"# IDENTIFYING: links medtl case ids to scan paths ({what}); paths may hold patient names. "
+                  "Do not share this file.\n")
+        w = csv.writer(buf)
+        w.writerow(["id", "path"])
+        w.writerows(pairs)
+        return atomic_write_text(self.path / self.ID_MAP, buf.getvalue())
 
     def write_metrics(self, metrics: dict) -> Path:
         return self.write_json(self.METRICS, metrics)
@@ -327,17 +355,36 @@ class RunDir:
     def model_keys(self) -> list[str]:
         return sorted(p.parent.name for p in (self.path / "checkpoints").glob("*/meta.json"))
 
-    def load_model(self, key: str | FoldKey):
-        """``(model in eval mode, meta)`` of one checkpoint, sha256-verified."""
-        return load_checkpoint(self.checkpoint(key))
+    def load_model(self, key: str | FoldKey, *, trust_unverified: bool = False):
+        """``(model in eval mode, meta)`` of one checkpoint, sha256-verified.
 
-    def load_models(self) -> list[tuple[str, object, dict]]:
+        A checkpoint that does not verify (no sha256 recorded, or a mismatch) raises
+        :class:`~medtl.training.checkpoint.UnverifiedCheckpointError` unless
+        ``trust_unverified``; then ``meta["unverified"]`` holds the reason (see :meth:`trust_record`).
+        """
+        return load_checkpoint(self.checkpoint(key), trust_unverified=trust_unverified)
+
+    def load_models(self, *, trust_unverified: bool = False) -> list[tuple[str, object, dict]]:
         """``[(key, model, meta)]`` for every checkpoint of the run (the fold ensemble, or the final model)."""
         keys = self.model_keys()
         if not keys:
             raise MedtlError(f"No checkpoints under '{self.path / 'checkpoints'}'. The run did not finish any fold; "
                              "rerun it (resuming) first.")
-        return [(k, *self.load_model(k)) for k in keys]
+        return [(k, *self.load_model(k, trust_unverified=trust_unverified)) for k in keys]
+
+    @staticmethod
+    def trust_record(loaded: list[tuple[str, object, dict]], trust_unverified: bool) -> dict:
+        """What a reading workflow records about verification: ``{"trust_unverified", "unverified":
+        {key: reason}}``; each unverified checkpoint is also said on the console."""
+        unverified = {k: meta["unverified"] for k, _, meta in loaded if meta.get("unverified")}
+        if unverified:
+            from medtl._runtime import console
+
+            for k, reason in unverified.items():
+                console.print(f"warning: checkpoint {k} is NOT verified ({reason}); used because "
+                              "--trust-unverified was given, and recorded in the outputs.",
+                              markup=False, highlight=False)
+        return {"trust_unverified": bool(trust_unverified), "unverified": unverified}
 
     @staticmethod
     def model_key(row: PredictionRow) -> str:
@@ -351,6 +398,51 @@ class RunDir:
         """The run's own files and report folders (not checkpoints, fold records or data)."""
         skip = {"checkpoints", "folds", "demo_data", "mlruns"}
         return sorted(p for p in self.path.iterdir() if not p.name.startswith(".") and p.name not in skip)
+
+
+def redact_skipped(skipped: list[dict], *, reveal_ids: bool = False) -> list[dict]:
+    """Skipped-file entries for an output: ``{"case_id", "reason"}``, the path (with
+    ``reveal_ids`` only) dropped and removed from the reason text as a whole value.
+
+    Example:
+        >>> redact_skipped([{"case_id": "scan-0001", "path": "/d/DOE_JOHN/x.dcm",
+        ...                  "reason": "cannot open /d/DOE_JOHN/x.dcm: permission denied"}])
+        [{'case_id': 'scan-0001', 'reason': 'cannot open <file>: permission denied'}]
+    """
+    out = []
+    for s in skipped:
+        entry = {"case_id": s.get("case_id"), "reason": str(s.get("reason", ""))}
+        path = s.get("path")
+        if reveal_ids:
+            entry["path"] = path
+        elif path:
+            entry["reason"] = _without_path(entry["reason"], str(path))
+        out.append(entry)
+    return out
+
+
+def _without_path(text: str, path: str) -> str:
+    """``text`` with every spelling of ``path`` (as given, absolute, resolved, its file name) replaced."""
+    p = Path(path)
+    spellings = {path, str(p.absolute())}
+    try:
+        spellings.add(str(p.resolve()))
+    except (OSError, RuntimeError):  # a symlink loop
+        pass
+    if len(p.name) >= 4:  # a short name ("1.dcm" is 5) could be part of other words; whole paths go first
+        spellings.add(p.name)
+    for s in sorted(spellings, key=len, reverse=True):
+        text = text.replace(s, "<file>")
+    return text
+
+
+def _config_text(cfg: Config) -> str:
+    """The resolved config as YAML, data paths expanded (what :func:`medtl.config.dump_config` writes)."""
+    data = cfg.model_dump(mode="json")
+    data["data"]["path"] = str(cfg.resolved_data_path().resolve())
+    if cfg.data.labels is not None:
+        data["data"]["labels"]["csv"] = str(cfg.resolved_labels_path().resolve())
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def class_counts(y: np.ndarray, class_names: list[str]) -> dict[str, int]:

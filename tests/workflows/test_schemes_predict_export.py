@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,13 +107,34 @@ def test_predict_with_fold_ensemble_on_folder_and_manifest(calibrated_run, demo_
     out, _ = calibrated_run
     res = predict_run(out, demo_manifest, out_dir=tmp_path / "pred", progress=False)
     assert res["n_models"] == 2 and res["n_cases"] == 16 and res["metrics"] is not None
-    scans = demo_manifest.parent / "scans"
-    folder = next(p for p in demo_manifest.parent.rglob("*.dcm")).parent
-    res2 = predict_run(out, folder, out_dir=tmp_path / "pred2", progress=False)
+    metrics = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert metrics["trust_unverified"] is False and metrics["unverified"] == {}
+    root = demo_manifest.parent
+    res2 = predict_run(out, root, out_dir=tmp_path / "pred2", progress=False)
     rows = list(csv.DictReader((tmp_path / "pred2" / "predictions.csv").open()))
     assert len(rows) == res2["n_cases"] >= 1 and all(r["label"] == "" for r in rows)
     assert all(abs(float(r["prob_lesion"]) + float(r["prob_normal"]) - 1) < 1e-4 for r in rows)
-    del scans
+    # pseudonymous case ids in sorted path order; no path or file name in any output
+    scans = sorted(str(p.relative_to(root)) for p in root.rglob("*.dcm"))
+    assert [r["id"] for r in rows] == [f"scan-{i:04d}" for i in range(1, len(rows) + 1)] and len(rows) == len(scans)
+    record = json.loads((tmp_path / "pred2" / "predict.json").read_text())
+    assert record["n_cases"] == len(rows) and record["id_map"] is None and record["case_ids"] == "pseudonymous"
+    for f in (tmp_path / "pred2").iterdir():
+        assert not any(Path(s).name in f.read_text(errors="replace") for s in scans), f
+    assert not (tmp_path / "pred2" / "IDENTIFYING_id_map.csv").exists()
+    # the mapping, on request, in a file marked as identifying
+    res3 = predict_run(out, root, out_dir=tmp_path / "pred2", progress=False, write_id_map=True)
+    lines = (tmp_path / "pred2" / res3["id_map"]).read_text().splitlines()
+    assert res3["id_map"] == "IDENTIFYING_id_map.csv" and lines[0].startswith("# IDENTIFYING") and lines[1] == "id,path"
+    assert lines[2:2 + len(scans)] == [f"scan-{i:04d},{s}" for i, s in enumerate(scans, start=1)]
+    assert len(lines) == 2 + res3["n_cases"] + res3["n_skipped"]  # skipped files (the .npy masks) too
+
+
+def test_run_start_writes_no_temporary_config(demo_manifest, tmp_path):
+    from medtl.workflows import RunDir
+
+    RunDir(tmp_path / "run").start(_cfg(demo_manifest), resume=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "monai-bundle"])
@@ -122,6 +144,7 @@ def test_export_agrees_with_pytorch(calibrated_run, tmp_path, fmt):
     out, _ = calibrated_run
     rec = export_run(out, fmt, out_dir=tmp_path / fmt)
     assert rec["max_abs_diff"] <= 1e-4 and rec["n_models"] == 2
+    assert rec["trust_unverified"] is False and rec["unverified"] == {}
     assert json.loads((tmp_path / fmt / "export.json").read_text())["format"] == fmt
 
 
