@@ -166,22 +166,20 @@ def print_summary(title: str, metrics: dict) -> None:
     console.print(t)
 
 
-def start(cfg: Config, out_dir, *, resume: bool, progress: bool, data: PreparedData | None,
-          min_patients_per_class: int | None = None) -> tuple[RunDir, str, PreparedData, bool]:
+def start(cfg: Config, out_dir, *, resume: bool, progress: bool, data: PreparedData | None
+          ) -> tuple[RunDir, str, PreparedData, bool]:
     """Open the run directory (rank 0 only under torchrun), write the config, decode the data once.
 
     Returns ``(run, config hash, prepared data, progress)``; unreadable inputs are listed in
     ``skipped.json`` by case id and reason (and said on the console); their paths only with
-    ``privacy.reveal_ids``. ``min_patients_per_class`` (k-fold CV: ``cv.n_splits``) refuses a class
-    held by too few patients before any scan is decoded.
+    ``privacy.reveal_ids``.
     """
     from medtl.data.prepare import prepare
 
     out_dir, progress = rank_out(out_dir, progress)
     run = RunDir(out_dir)
     h = run.start(cfg, resume=resume)
-    data = data if data is not None else prepare(cfg, progress=progress,
-                                                 min_patients_per_class=min_patients_per_class)
+    data = data if data is not None else prepare(cfg, progress=progress)
     run.write_skipped(data.skipped, reveal_ids=cfg.privacy.reveal_ids)
     if data.skipped:
         console.print(f"[yellow]Skipped {len(data.skipped)} unreadable case(s); see {run / run.SKIPPED}[/]")

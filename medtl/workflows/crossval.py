@@ -61,9 +61,8 @@ def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, pro
         {'value': 0.79, 'ci95': [0.67, 0.88], 'n_valid': 1000}
     """
     t0 = time.time()
-    k = cfg.cv.n_splits if cfg.cv.scheme != "leave_one_site_out" else None
-    run, h, data, progress = start(cfg, out_dir, resume=resume, progress=progress, data=data,
-                                   min_patients_per_class=k)
+    # too few patients of a class for the folds is said by fold_plan, after every unreadable file is listed
+    run, h, data, progress = start(cfg, out_dir, resume=resume, progress=progress, data=data)
     groups, names = data.groups, data.class_names
     sites = np.array([c.site for c in data.cases], dtype=object)
     plan = fold_plan(cfg, data.y, groups, sites, names)

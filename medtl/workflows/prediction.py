@@ -45,8 +45,9 @@ def _scan_cases(path: Path, *, reveal_ids: bool = False) -> list[Case]:
     patient (``DOE_JOHN_19600101/``) never reaches an output. With ``reveal_ids`` the id is
     the path relative to the folder.
     """
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+    # a dangling link or a symlink loop is not a file but is listed, so the reader reports it as skipped
+    files = [path] if path.is_file() or path.is_symlink() else sorted(
+        p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
         and (p.suffix.lower() in _SCAN_SUFFIXES or p.name.lower().endswith(".nii.gz")))
     if not files:
         raise DataError(f"No scan files under '{path}'. Pass a scan, a folder of scans, or a manifest CSV.")
