@@ -597,8 +597,9 @@ class EvalConfig(_Strict):
 class ExplainConfig(_Strict):
     """``medtl explain``: attribution maps of a finished run, with their sanity checks."""
 
-    methods: list[ExplainMethod] = Field(default_factory=lambda: ["gradcam", "ig"], min_length=1, description=(
-        "attribution methods, each run on every case of the report (ig: integrated gradients)"))
+    methods: list[ExplainMethod] = Field(default_factory=lambda: ["gradcam", "smoothgrad"], min_length=1, description=(
+        "attribution methods, each run on every case of the report (ig: integrated gradients; on deep ReLU6 "
+        "networks it meets its completeness check only with hundreds of explain.ig_steps)"))
     n_correct: int = Field(4, ge=0, description="correctly classified cases per class in the report")
     n_wrong: int = Field(4, ge=0, description="misclassified cases per class in the report")
     ig_steps: int = Field(32, ge=2, description="integrated-gradients steps")
