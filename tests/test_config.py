@@ -11,6 +11,8 @@ import yaml
 from pydantic import ValidationError
 
 import medtl.config as config_module
+import medtl.config._memory as config_memory
+import medtl.config._rules as config_rules
 from medtl.config import (CT_WINDOWS, CV_SCHEMES, DEVICES, EXPLAIN_METHODS, SELECT_METRICS, WINDOW_PRESETS, Config,
                           ExplainConfig, IntensityConfig, TrainConfig, config_hash, dump_config, load_config)
 from medtl.errors import ConfigError
@@ -229,7 +231,7 @@ def test_folder_format_with_labels_loads():
 
 
 def test_mlflow_tracking_needs_mlflow_at_load_time(monkeypatch):
-    monkeypatch.setattr(config_module, "_module_available", lambda name: name != "mlflow")
+    monkeypatch.setattr(config_rules, "_module_available", lambda name: name != "mlflow")
     msg = _error(["tracking=mlflow"])
     assert "tracking=mlflow needs the 'mlflow' package" in msg and "pip install 'medtl[tracking]'" in msg
     assert "tracking=none" in msg
@@ -238,12 +240,12 @@ def test_mlflow_tracking_needs_mlflow_at_load_time(monkeypatch):
 
 
 def test_mlflow_tracking_loads_when_mlflow_is_installed(monkeypatch):
-    monkeypatch.setattr(config_module, "_module_available", lambda name: True)
+    monkeypatch.setattr(config_rules, "_module_available", lambda name: True)
     assert load_config(BASE, ["tracking=mlflow"]).tracking == "mlflow"
 
 
 def test_module_available_does_not_import():
-    assert config_module._module_available("json") and not config_module._module_available("no_such_module_xyz")
+    assert config_rules._module_available("json") and not config_rules._module_available("no_such_module_xyz")
 
 
 # -- enumerations: each set of choices is written once ----------------------------------------------
@@ -307,7 +309,7 @@ def test_a_batch_over_the_memory_budget_is_refused():
 
 
 def test_the_default_budget_is_half_the_available_memory(monkeypatch):
-    monkeypatch.setattr(config_module, "available_memory", lambda: 200 << 20)
+    monkeypatch.setattr(config_memory, "available_memory", lambda: 200 << 20)
     msg = _error(["data.image_size=[1024, 1024]"])
     assert "more than the memory budget (105 MB: half of the 210 MB available; set data.memory_budget" in msg
     # reloading a finished run's config only to read it does not depend on this machine
@@ -317,9 +319,9 @@ def test_the_default_budget_is_half_the_available_memory(monkeypatch):
 def test_available_memory_respects_the_address_space_limit(monkeypatch):
     import resource
 
-    monkeypatch.setattr(config_module, "_AVAILABLE", [])
-    monkeypatch.setattr(config_module, "_free_ram", lambda: 64 << 30)
-    used = config_module._proc_value("/proc/self/status", "VmSize") or 0
+    monkeypatch.setattr(config_memory, "_AVAILABLE", [])
+    monkeypatch.setattr(config_memory, "_free_ram", lambda: 64 << 30)
+    used = config_memory._proc_value("/proc/self/status", "VmSize") or 0
     cap = used + (300 << 20)
     monkeypatch.setattr(resource, "getrlimit", lambda which: (cap, cap) if which == resource.RLIMIT_AS
                         else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))

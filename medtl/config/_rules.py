@@ -1,0 +1,337 @@
+"""Rules that span several config keys, checked whenever a ``Config`` is validated."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+
+from pydantic import (
+    ValidationError,
+)
+
+from medtl.config._choices import WINDOW_PRESETS
+from medtl.config._memory import _budget_text, format_bytes, memory_budget_bytes
+from medtl.config._schema import _CHECKS, Config, _dotted_keys, _models_in
+from medtl.errors import did_you_mean
+
+
+
+# -- rules that span several fields (checked on every Config) -----------------------------------
+_RULES: list[Callable[[Config], Iterator[str]]] = []
+
+
+def _rule(fn: Callable[[Config], Iterator[str]]) -> Callable[[Config], Iterator[str]]:
+    """Register a cross-field rule: ``fn(cfg)`` yields one message per problem found.
+
+    The first paragraph of its docstring documents the rule in ``docs/config.md``.
+    """
+    _RULES.append(fn)
+    return fn
+
+
+def rule_descriptions() -> list[str]:
+    """One line per rule checked when a config is loaded (the first paragraph of its docstring)."""
+    return [" ".join(fn.__doc__.strip().split("\n\n")[0].split())
+            for fn in [*_RULES, _grid_value_problems, _memory_problems, _dependency_problems]]
+
+
+@_rule
+def _data_geometry(cfg: Config) -> Iterator[str]:
+    """`data.image_size` (and `data.spacing`) give one entry per axis: [H, W] for
+    `spatial_dims: 2`, [D, H, W] for 3.
+    """
+    d = cfg.data
+    if d.spatial_dims != len(d.image_size):
+        yield (f"data.spatial_dims={d.spatial_dims} but data.image_size={list(d.image_size)} has "
+               f"{len(d.image_size)} entries. Use spatial_dims: 3 with image_size [D, H, W] for volumes, or "
+               "spatial_dims: 2 with [H, W] for images.")
+    if d.spacing is not None and len(d.spacing) != len(d.image_size):
+        yield (f"data.spacing must give one pixel size (mm) per data.image_size entry ({len(d.image_size)}). "
+               f"Got data.spacing={list(d.spacing)} instead. Give {len(d.image_size)} values, or null for a "
+               "plain resize.")
+
+
+@_rule
+def _folder_needs_labels(cfg: Config) -> Iterator[str]:
+    """`data.format: folder` needs a `data.labels` section."""
+    if cfg.data.format == "folder" and cfg.data.labels is None:
+        yield ("data.format=folder needs a data.labels section (csv, file_column, label_column). Got none. "
+               "Add data.labels.csv, or use data.format=manifest with a CSV of path,label,patient_id.")
+
+
+@_rule
+def _intensity(cfg: Config) -> Iterator[str]:
+    """`data.intensity`: `window` needs a `preset` or both `center` and `width` (not both);
+    those keys apply to `window` only; `multiwindow` needs >= 1 window; `lower < upper`; `vmin < vmax`.
+    """
+    it = cfg.data.intensity
+    manual = {k: v for k, v in (("center", it.center), ("width", it.width)) if v is not None}
+    presets = ", ".join(WINDOW_PRESETS)
+    if it.mode == "window":
+        if it.preset is None and len(manual) < 2:
+            got = f"only {next(iter(manual))}" if manual else "neither"
+            yield (f"data.intensity.mode=window needs a preset ({presets}) or both center and width. Got {got}. "
+                   "Set e.g. data.intensity.preset=lung.")
+        elif it.preset is not None and manual:
+            yield (f"data.intensity.preset={it.preset} and data.intensity.{'/'.join(manual)} are both set, so one "
+                   "would be ignored. Keep the preset or center and width, not both.")
+    else:
+        given = [k for k, v in (("preset", it.preset), ("center", it.center), ("width", it.width)) if v is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            yield (f"data.intensity.{'/'.join(given)} only {verb} to data.intensity.mode=window. Got "
+                   f"mode={it.mode} instead. Set data.intensity.mode=window, or drop {'/'.join(given)}.")
+    if it.mode == "multiwindow" and not it.windows:
+        yield (f"data.intensity.mode=multiwindow needs at least one window in data.intensity.windows (presets "
+               f"{presets} or {{center, width}}). Got an empty list.")
+    if it.mode == "percentile" and not it.lower < it.upper:
+        yield (f"data.intensity.lower must be below data.intensity.upper (percentiles). Got lower={it.lower}, "
+               f"upper={it.upper} instead, e.g. lower: 1, upper: 99.")
+    if it.mode == "range" and not it.vmin < it.vmax:
+        yield (f"data.intensity.vmin must be below data.intensity.vmax. Got vmin={it.vmin}, vmax={it.vmax} "
+               "instead, e.g. vmin: 0, vmax: 255 for 8-bit images.")
+
+
+@_rule
+def _conversion_3d(cfg: Config) -> Iterator[str]:
+    """`model.conversion_3d` other than `inflate` needs 3D data (`data.spatial_dims: 3`)."""
+    if cfg.model.conversion_3d != "inflate" and cfg.data.spatial_dims != 3:
+        yield (f"model.conversion_3d={cfg.model.conversion_3d} only applies to 3D data (data.spatial_dims=3). "
+               f"Got data.spatial_dims={cfg.data.spatial_dims} instead. Drop model.conversion_3d for 2D data.")
+
+
+@_rule
+def _amp_needs_cuda(cfg: Config) -> Iterator[str]:
+    """`train.amp: on` needs CUDA, so it conflicts with `train.device: cpu`."""
+    if cfg.train.amp == "on" and cfg.train.device == "cpu":
+        yield ("train.amp=on needs a CUDA device, but train.device=cpu. Use train.amp=auto (or off) on the CPU, "
+               "or train.device=cuda.")
+
+
+@_rule
+def _probe_class_weights(cfg: Config) -> Iterator[str]:
+    """`train.class_weighted: true` with `linear_probe` needs `probe_head: logistic`
+    (scikit-learn's MLP has no class weights).
+    """
+    s = cfg.train.strategy
+    if s.name == "linear_probe" and s.probe_head == "mlp" and cfg.train.class_weighted:
+        yield ("train.class_weighted=true needs train.strategy.probe_head=logistic with linear_probe "
+               "(scikit-learn's MLPClassifier takes no class weights). Got probe_head=mlp. Use probe_head=logistic "
+               "or train.class_weighted=false.")
+
+
+@_rule
+def _cv_scheme(cfg: Config) -> Iterator[str]:
+    """`cv.n_repeats` > 1 needs `cv.scheme: repeated` (and `repeated` needs >= 2); `nested` needs
+    a `cv.grid`, and a grid needs `nested` (it wraps any trainer, `linear_probe` included).
+    """
+    cv = cfg.cv
+    if cv.scheme != "repeated" and cv.n_repeats != 1:
+        yield (f"cv.n_repeats={cv.n_repeats} only applies to cv.scheme=repeated. Got cv.scheme={cv.scheme} "
+               "instead. Set cv.scheme=repeated or drop cv.n_repeats.")
+    if cv.scheme == "repeated" and cv.n_repeats < 2:
+        yield (f"The 'n_repeats' parameter of cv.scheme=repeated must be an int >= 2. Got {cv.n_repeats} instead. "
+               "Set e.g. cv.n_repeats=3, or use cv.scheme=kfold.")
+    if cv.scheme == "nested" and not cv.grid:
+        yield ("cv.scheme=nested needs a cv.grid, e.g. `--set 'cv.grid={\"train.lr\": [3e-4, 1e-3]}'`. Got an "
+               "empty grid. Without a grid there is nothing for the inner loop to choose; use cv.scheme=kfold.")
+    if cv.grid and cv.scheme != "nested":
+        yield (f"cv.grid only applies to cv.scheme=nested. Got cv.scheme={cv.scheme} with a grid over "
+               f"{sorted(cv.grid)}. Set cv.scheme=nested, or drop the grid (--set 'cv.grid={{}}').")
+
+
+#: sections a nested-CV grid point may change: the inner loop reuses the decoded images and
+#: the outer scoring settings, so only what one training run reads takes effect
+_GRID_SECTIONS = ("train", "model", "adapt")
+
+
+@_rule
+def _grid_keys(cfg: Config) -> Iterator[str]:
+    """Every `cv.grid` key is a dotted `train.*`, `model.*` or `adapt.*` config key with a
+    non-empty list of values.
+    """
+    for key in sorted(cfg.cv.grid):
+        values = cfg.cv.grid[key]
+        if not values:
+            yield f"cv.grid['{key}'] must be a non-empty list of values. Got {values!r} instead."
+        problem = _grid_key_problem(key)
+        if problem:
+            yield problem
+
+
+def _grid_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a nested-CV grid key, or ``None``."""
+    parts = key.split(".")
+    if parts[0] not in _GRID_SECTIONS:
+        section = parts[0] if parts[0] in Config.model_fields else None
+        if section is None:
+            hint = did_you_mean(key, _dotted_keys())
+            return (f"cv.grid key '{key}' is not a config key.{hint} Grid keys are dotted keys under "
+                    f"{', '.join(_GRID_SECTIONS)}, e.g. 'train.lr'.")
+        return (f"cv.grid key '{key}' cannot be searched: the inner CV reuses the decoded images and the "
+                f"outer scoring settings, so only keys under {', '.join(_GRID_SECTIONS)} take effect. Got a key "
+                f"under '{section}'.")
+    anns: list = [Config]
+    for depth, part in enumerate(parts):
+        models = [m for a in anns for m in _models_in(a)]
+        if not models:
+            return (f"cv.grid key '{key}' goes below '{'.'.join(parts[:depth])}', which is a value, not a "
+                    f"section. Use '{'.'.join(parts[:depth])}'.")
+        anns = [m.model_fields[part].annotation for m in models if part in m.model_fields]
+        if not anns:
+            prefix = ".".join(parts[:depth])
+            valid = sorted({f for m in models for f in m.model_fields})
+            hint = did_you_mean(key, [f"{prefix}.{f}" if prefix else f for f in valid])
+            return (f"cv.grid key '{key}' is not a config key.{hint} Valid keys under '{prefix}': "
+                    f"{', '.join(valid)}.")
+    if any(_models_in(a) for a in anns):
+        model = next(m for a in anns for m in _models_in(a))
+        return (f"cv.grid key '{key}' names a section, not a value. Name a key inside it, e.g. "
+                f"'{key}.{next(iter(model.model_fields))}'.")
+    return None
+
+
+@_rule
+def _linear_probe_has_no_adaptation(cfg: Config) -> Iterator[str]:
+    """`adapt.method` other than `none` needs a fine-tuning strategy, not `linear_probe`."""
+    if cfg.adapt.method != "none" and cfg.train.strategy.name == "linear_probe":
+        yield (f"adapt.method={cfg.adapt.method} does not apply to train.strategy.name=linear_probe: the probe "
+               "fits a scikit-learn head on frozen features and never sees the target site. Set "
+               "adapt.method=none, or pick a fine-tuning strategy (e.g. train.strategy.name=partial).")
+
+
+@_rule
+def _adaptation_target(cfg: Config) -> Iterator[str]:
+    """`adapt.method` other than `none` needs `use_target_unlabelled: true` and one target:
+    `cv.scheme: leave_one_site_out` (each held-out site) or `adapt.target_site`, not both.
+    """
+    a = cfg.adapt
+    if a.method == "none":
+        return
+    if not a.use_target_unlabelled:
+        yield (f"adapt.method={a.method} learns from unlabelled target images, but adapt.use_target_unlabelled "
+               "is false. Set it to true, or adapt.method=none.")
+    loso = cfg.cv.scheme == "leave_one_site_out"
+    if a.target_site is None and not loso:
+        yield (f"adapt.method={a.method} needs a target site. Got cv.scheme={cfg.cv.scheme} and no "
+               "adapt.target_site. Use cv.scheme=leave_one_site_out (each fold's held-out site is the target), "
+               "or set adapt.target_site to the new hospital's site.")
+    if a.target_site is not None and loso:
+        yield (f"adapt.target_site='{a.target_site}' conflicts with cv.scheme=leave_one_site_out, where each "
+               "fold's held-out site is the target (and the named site trains in the other folds). Drop "
+               "adapt.target_site, or use another cv.scheme.")
+
+
+@_rule
+def _threshold_is_binary(cfg: Config) -> Iterator[str]:
+    """`evaluate.threshold` other than `fixed` needs a binary task (when `data.class_names` are
+    given).
+    """
+    names = cfg.data.class_names
+    if cfg.evaluate.threshold != "fixed" and names is not None and len(names) > 2:
+        yield (f"evaluate.threshold={cfg.evaluate.threshold} applies to binary tasks only; data.class_names "
+               f"lists {len(names)} classes. Use evaluate.threshold=fixed (multi-class predictions are the argmax).")
+
+
+@_rule
+def _explain(cfg: Config) -> Iterator[str]:
+    """`explain.methods` are distinct, and the report has cases to explain (`n_correct`,
+    `n_wrong` or `localisation`).
+    """
+    ex = cfg.explain
+    repeated = sorted({m for m in ex.methods if ex.methods.count(m) > 1})
+    if repeated:
+        yield (f"explain.methods must name each method once. Got {list(ex.methods)} ({', '.join(repeated)} "
+               "repeated). Remove the repeats.")
+    if ex.n_correct == 0 and ex.n_wrong == 0 and not ex.localisation:
+        yield ("explain.n_correct and explain.n_wrong are both 0 and explain.localisation is false, so there is "
+               "no case to explain. Set explain.n_correct (or n_wrong) >= 1, or explain.localisation=true.")
+
+
+# -- checks after the rules: grid values (once the keys are sound), optional packages -------
+def _grid_value_problems(cfg: Config) -> Iterator[str]:
+    """Every `cv.grid` value is valid for its key: the config with that value applied passes
+    every check.
+    """
+    for key in sorted(cfg.cv.grid):
+        for value in cfg.cv.grid[key]:
+            raw = cfg.model_dump()
+            raw["cv"].update(scheme="kfold", grid={}, n_repeats=1)
+            node = raw
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node[parts[-1]] = value
+            try:
+                Config.model_validate(raw, context={"check_dependencies": False})
+            except ValidationError as err:
+                for e in err.errors():
+                    if e["type"] == "config_rule":
+                        why = e["msg"].replace("\n", " ")
+                    else:
+                        why = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                    yield f"cv.grid['{key}'] value {value!r} is not valid: {why}"
+
+
+def _memory_problems(cfg: Config, *, machine: bool = True) -> list[str]:
+    """One batch of input images (`train.batch_size` and `explain.batch_size` x channels x the
+    product of `data.image_size` x 4 bytes) fits in the memory budget: `data.memory_budget`, or
+    when unset (checked on this machine) half of the available memory.
+    """
+    budget_set = cfg.data.memory_budget
+    if budget_set is None and not machine:
+        return []
+    budget = memory_budget_bytes(budget_set)
+    it = cfg.data.intensity
+    channels = len(it.windows) if it.mode == "multiwindow" else 1
+    voxels = 1
+    for s in cfg.data.image_size:
+        voxels *= int(s)
+    problems = []
+    for key, batch in (("train.batch_size", cfg.train.batch_size), ("explain.batch_size", cfg.explain.batch_size)):
+        need = batch * channels * voxels * 4
+        if need > budget:
+            fit = max(budget // max(channels * voxels * 4, 1), 0)
+            size = "x".join(str(s) for s in cfg.data.image_size)
+            hint = (f"Lower {key} to {fit} or less" if fit >= 1 else
+                    "Lower data.image_size (one image alone does not fit)")
+            problems.append(
+                f"{key}={batch} images of {size} x {channels} channel(s) as float32 need {format_bytes(need)}, more "
+                f"than the memory budget ({_budget_text(budget_set)}). {hint}, or raise data.memory_budget if "
+                "the machine has the memory.")
+    return problems
+
+
+def _module_available(name: str) -> bool:
+    """Whether ``import name`` would find the module (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _dependency_problems(cfg: Config) -> list[str]:
+    """`tracking: mlflow` needs the `mlflow` package (`pip install 'medtl[tracking]'`); checked
+    on load, not after training.
+    """
+    if cfg.tracking == "mlflow" and not _module_available("mlflow"):
+        return ["tracking=mlflow needs the 'mlflow' package, which is not installed. Install it with "
+                "pip install 'medtl[tracking]' (or mlflow-skinny), or set tracking=none."]
+    return []
+
+
+def check_all(cfg: Config, context: dict) -> list[str]:
+    """Every rule in ``_RULES``, then the grid values, the memory budget and (unless the context
+    says ``check_dependencies: False``) the optional packages."""
+    problems = [p for rule in _RULES for p in rule(cfg)]
+    if not problems and cfg.cv.grid:
+        problems = list(_grid_value_problems(cfg))
+    problems += _memory_problems(cfg, machine=context.get("check_dependencies", True))
+    if context.get("check_dependencies", True):
+        problems += _dependency_problems(cfg)
+    return problems
+
+
+_CHECKS.append(check_all)
