@@ -25,22 +25,84 @@ beside it: ``DEVICES``, ``CV_SCHEMES``, ``EXPLAIN_METHODS``, ...), ``_memory`` (
 from __future__ import annotations
 
 from medtl.config._choices import (  # noqa: F401  (the Literal aliases are importable too)
-    AMP_MODES, AmpMode, AUGMENT_BACKENDS, AugmentBackend, Calibration, CALIBRATIONS, CHANNEL_MAPPINGS,
-    ChannelMapping, COMPILE_MODES, CompileMode, Conversion3D, CONVERSIONS_3D, CT_WINDOWS, CV_SCHEMES, CVScheme,
-    DA_METHODS, DAMethod, DATA_FORMATS, DATA_SPLITS, DataFormat, DataSplit, Device, DEVICES, EXPLAIN_METHODS,
-    ExplainMethod, INTENSITY_MODES, IntensityMode, ON_ERROR, OnError, PROBE_HEADS, ProbeHead, Scheduler,
-    SCHEDULERS, SELECT_METRICS, SelectMetric, STRATEGIES, StrategyName, THRESHOLD_RULES, ThresholdRule, Tracker,
-    TRACKERS, WEIGHT_LAYOUTS, WeightLayout, WINDOW_PRESETS, WindowPreset
+    AMP_MODES,
+    AUGMENT_BACKENDS,
+    CALIBRATIONS,
+    CHANNEL_MAPPINGS,
+    COMPILE_MODES,
+    CONVERSIONS_3D,
+    CT_WINDOWS,
+    CV_SCHEMES,
+    DA_METHODS,
+    DATA_FORMATS,
+    DATA_SPLITS,
+    DEVICES,
+    EXPLAIN_METHODS,
+    INTENSITY_MODES,
+    ON_ERROR,
+    PROBE_HEADS,
+    SCHEDULERS,
+    SELECT_METRICS,
+    STRATEGIES,
+    THRESHOLD_RULES,
+    TRACKERS,
+    WEIGHT_LAYOUTS,
+    WINDOW_PRESETS,
+    AmpMode,
+    AugmentBackend,
+    Calibration,
+    ChannelMapping,
+    CompileMode,
+    Conversion3D,
+    CVScheme,
+    DAMethod,
+    DataFormat,
+    DataSplit,
+    Device,
+    ExplainMethod,
+    IntensityMode,
+    OnError,
+    ProbeHead,
+    Scheduler,
+    SelectMetric,
+    StrategyName,
+    ThresholdRule,
+    Tracker,
+    WeightLayout,
+    WindowPreset,
 )
-from medtl.config._loading import apply_overrides, config_hash, dump_config, load_config
-from medtl.config._memory import (MAX_BOOTSTRAP, MAX_CONFIG_BYTES, MAX_IMAGE_SIDE, MAX_YAML_NODES, available_memory,
-                                  format_bytes, memory_budget_bytes, parse_bytes)
+from medtl.config._loading import apply_overrides, config_hash, config_yaml, dump_config, load_config
+from medtl.config._memory import (
+    MAX_BOOTSTRAP,
+    MAX_CONFIG_BYTES,
+    MAX_IMAGE_SIDE,
+    MAX_YAML_NODES,
+    available_memory,
+    format_bytes,
+    memory_budget_bytes,
+    parse_bytes,
+)
 from medtl.config._reference import config_reference_markdown
 from medtl.config._rules import rule_descriptions
-from medtl.config._schema import (AugmentConfig, Config, CVConfig, DataConfig, DomainAdaptConfig, EvalConfig,
-                                  ExplainConfig, IntensityConfig, LabelsConfig, ModelConfig, PrivacyConfig,
-                                  StrategyConfig, TrainConfig, WindowSpec, expand_path, shared_data_dir)
-from medtl.config._schema import _models_in  # noqa: F401  (tests walk the schema with it)
+from medtl.config._schema import (
+    AugmentConfig,
+    Config,
+    CVConfig,
+    DataConfig,
+    DomainAdaptConfig,
+    EvalConfig,
+    ExplainConfig,
+    IntensityConfig,
+    LabelsConfig,
+    ModelConfig,
+    PrivacyConfig,
+    StrategyConfig,
+    TrainConfig,
+    WindowSpec,
+    _models_in,  # noqa: F401  (tests walk the schema with it)
+    expand_path,
+    shared_data_dir,
+)
 
 __all__ = [
     "Config",
@@ -60,6 +122,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "config_hash",
+    "config_yaml",
     "dump_config",
     "shared_data_dir",
     "expand_path",

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-
-
-
 # -- enumerations: each set of choices is written once -------------------------------------
 DataFormat = Literal["manifest", "medmnist", "folder"]
 DataSplit = Literal["official", "pooled"]

@@ -18,7 +18,6 @@ from medtl.config._schema import _SECTIONS, Config, _section_at
 from medtl.errors import ConfigError, did_you_mean
 
 
-
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     """Apply ``a.b=c`` overrides to a raw config dict; values are parsed as YAML."""
     for item in overrides or []:
@@ -235,13 +234,18 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None, *
         raise ConfigError(_format_validation(err, label)) from None
 
 
-def dump_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config (with the data path expanded) as YAML."""
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text, with the data paths expanded and made absolute."""
     data = cfg.model_dump(mode="json")
     data["data"]["path"] = str(cfg.resolved_data_path().resolve())
     if cfg.data.labels is not None:
         data["data"]["labels"]["csv"] = str(cfg.resolved_labels_path().resolve())
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def dump_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config (:func:`config_yaml`) to ``path``."""
+    Path(path).write_text(config_yaml(cfg))
     return Path(path)
 
 

@@ -6,10 +6,6 @@ import os
 import re
 import time
 
-
-
-
-
 # -- memory: how much medtl may use for decoded images --------------------------------------
 #: the largest config file (bytes) and YAML document (nodes, aliases expanded) that is read
 MAX_CONFIG_BYTES = 1 << 20

@@ -17,8 +17,6 @@ from medtl.config._memory import MAX_CONFIG_BYTES, MAX_YAML_NODES
 from medtl.config._rules import rule_descriptions
 from medtl.config._schema import Config, _alternatives, _models_in
 
-
-
 # -- the reference in docs/config.md -------------------------------------------------------
 _REGENERATE = ('python -c "from medtl.config import config_reference_markdown; '
                'print(config_reference_markdown())" > docs/config.md')

@@ -14,8 +14,6 @@ from medtl.config._memory import _budget_text, format_bytes, memory_budget_bytes
 from medtl.config._schema import _CHECKS, Config, _dotted_keys, _models_in
 from medtl.errors import did_you_mean
 
-
-
 # -- rules that span several fields (checked on every Config) -----------------------------------
 _RULES: list[Callable[[Config], Iterator[str]]] = []
 

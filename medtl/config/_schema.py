@@ -19,13 +19,32 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from medtl.config._choices import (CT_WINDOWS, AmpMode, AugmentBackend, Calibration, ChannelMapping, CompileMode,
-                                   Conversion3D, CVScheme, DAMethod, DataFormat, DataSplit, Device, ExplainMethod,
-                                   IntensityMode, OnError, ProbeHead, Scheduler, SelectMetric, StrategyName,
-                                   ThresholdRule, Tracker, WeightLayout, WindowPreset)
+from medtl.config._choices import (
+    CT_WINDOWS,
+    AmpMode,
+    AugmentBackend,
+    Calibration,
+    ChannelMapping,
+    CompileMode,
+    Conversion3D,
+    CVScheme,
+    DAMethod,
+    DataFormat,
+    DataSplit,
+    Device,
+    ExplainMethod,
+    IntensityMode,
+    OnError,
+    ProbeHead,
+    Scheduler,
+    SelectMetric,
+    StrategyName,
+    ThresholdRule,
+    Tracker,
+    WeightLayout,
+    WindowPreset,
+)
 from medtl.config._memory import _MIN_BUDGET, MAX_BOOTSTRAP, MAX_IMAGE_SIDE, format_bytes, parse_bytes
-
-
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 

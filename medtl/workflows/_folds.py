@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from rich.table import Table
@@ -147,7 +148,7 @@ def write_plots(run: RunDir, y: np.ndarray, proba: np.ndarray, names: list[str],
     plots["reliability"] = plot_reliability(curves, out / "reliability.png", title=f"Reliability — {title}")
     if history:
         plots["training"] = plot_training_curves(history, out / "training.png", title="Training curves")
-    return {k: v.name if hasattr(v, "name") else str(v).rsplit("/", 1)[-1] for k, v in plots.items()}
+    return {k: Path(v).name for k, v in plots.items()}
 
 
 def print_summary(title: str, metrics: dict) -> None:

@@ -44,8 +44,8 @@ import yaml
 
 from medtl._io import atomic_write_text, output_error, read_json, write_json
 from medtl._version import __version__
-from medtl.config import Config, config_hash, load_config
-from medtl.data.privacy import Pseudonymizer
+from medtl.config import Config, config_hash, config_yaml, load_config
+from medtl.data.privacy import Pseudonymizer, make_redactor
 from medtl.errors import ConfigError, MedtlError
 from medtl.training.checkpoint import (
     CorruptCheckpointError,
@@ -206,7 +206,7 @@ class RunDir:
             if prev_hash:
                 self._hashes.add(prev_hash)
         # written in one atomic step (no temporary config file to leave behind on a full disk)
-        atomic_write_text(old, _config_text(cfg) + f"_config_hash: {h}\n_medtl_version: {__version__}\n")
+        atomic_write_text(old, config_yaml(cfg) + f"_config_hash: {h}\n_medtl_version: {__version__}\n")
         return h
 
     def mkdir(self) -> Path:
@@ -422,27 +422,15 @@ def redact_skipped(skipped: list[dict], *, reveal_ids: bool = False) -> list[dic
 
 
 def _without_path(text: str, path: str) -> str:
-    """``text`` with every spelling of ``path`` (as given, absolute, resolved, its file name) replaced."""
+    """``text`` with every spelling of ``path`` (as given, absolute, resolved, its file name)
+    replaced by ``<file>``, as whole values only (:func:`medtl.data.privacy.make_redactor`)."""
     p = Path(path)
-    spellings = {path, str(p.absolute())}
+    spellings = {path, str(p.absolute()), p.name}
     try:
         spellings.add(str(p.resolve()))
     except (OSError, RuntimeError):  # a symlink loop
         pass
-    if len(p.name) >= 4:  # a short name ("1.dcm" is 5) could be part of other words; whole paths go first
-        spellings.add(p.name)
-    for s in sorted(spellings, key=len, reverse=True):
-        text = text.replace(s, "<file>")
-    return text
-
-
-def _config_text(cfg: Config) -> str:
-    """The resolved config as YAML, data paths expanded (what :func:`medtl.config.dump_config` writes)."""
-    data = cfg.model_dump(mode="json")
-    data["data"]["path"] = str(cfg.resolved_data_path().resolve())
-    if cfg.data.labels is not None:
-        data["data"]["labels"]["csv"] = str(cfg.resolved_labels_path().resolve())
-    return yaml.safe_dump(data, sort_keys=False)
+    return make_redactor(spellings, lambda _: "<file>")(text)
 
 
 def class_counts(y: np.ndarray, class_names: list[str]) -> dict[str, int]:

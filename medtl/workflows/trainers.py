@@ -124,6 +124,8 @@ class LinearProbe:
                     cfg.train.seed if not m.pretrained else None))
         if key not in self._features:
             t0 = time.time()
+            if cfg.train.num_threads:  # as fit() does for fine-tuning
+                torch.set_num_threads(cfg.train.num_threads)
             seed_everything(cfg.train.seed)  # random-init encoders (model.pretrained=false) are reproducible
             model = make_model(cfg, len(data.class_names))
             device = resolve_device(cfg.train.device)
