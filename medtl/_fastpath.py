@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Resident", "autocast", "batches", "memory_format", "resident"]
+__all__ = ["DiskArray", "Resident", "autocast", "batches", "memory_format", "resident"]
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,91 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast("cpu", enabled=False)
 
 
+class DiskArray:
+    """Images ``(N, C, *S)`` float32 in a raw C-order file, read a batch at a time.
+
+    The file is memory-mapped only for the time of one read, so the pages read do not stay
+    in the process's memory (its RSS) between batches; the operating system's page cache
+    keeps recently read data fast without counting against the process.
+
+    Indexing with a slice, a list, an integer array or a boolean mask gives another
+    ``DiskArray`` (a view: nothing is read); an integer gives one image ``(C, *S)``;
+    ``np.asarray(view)`` and :meth:`read` read the rows into memory.
+
+    Args:
+        path: the raw file, ``prod(shape) * 4`` bytes of little-endian float32.
+        shape: ``(N, C, *S)`` of the whole file.
+        rows: which rows of the file this view holds, in order (default: all).
+
+    Example:
+        >>> arr = DiskArray("decoded/images.f32", (100, 1, 32, 64, 64))   # doctest: +SKIP
+        >>> arr[[3, 1]].shape, arr[5].shape                                # doctest: +SKIP
+        ((2, 1, 32, 64, 64), (1, 32, 64, 64))
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path, shape: tuple[int, ...], rows: np.ndarray | None = None) -> None:
+        self.path = path
+        self.file_shape = tuple(int(s) for s in shape)
+        self.rows = np.arange(self.file_shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.file_shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.file_shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"DiskArray({str(self.path)!r}, shape={self.shape})"
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            head, rest = (key[0], key[1:]) if key else (slice(None), ())
+            if isinstance(head, (int, np.integer)):
+                return self[head][rest]
+            return self[head].read()[(slice(None), *rest)]
+        if isinstance(key, (int, np.integer)):
+            return self.read(np.array([key]))[0]
+        return DiskArray(self.path, self.file_shape, self.rows[key])
+
+    def read(self, idx: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``idx`` of this view (all when ``None``) as a float32 array ``(len(idx), C, *S)``."""
+        rows = self.rows if idx is None else self.rows[np.asarray(idx, dtype=np.int64)]
+        out = np.empty((len(rows), *self.file_shape[1:]), dtype=np.float32)
+        if len(rows):
+            mm = np.memmap(self.path, dtype="<f4", mode="r", shape=self.file_shape)
+            np.take(mm, rows, axis=0, out=out)
+            del mm  # unmapped now: the pages read leave this process's memory
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        a = self.read()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+
 @dataclass
 class Resident:
     """Images held once, as a compact tensor, ready to be indexed into float32 batches.
 
     Attributes:
-        data: ``(N, C, *S)`` storage tensor (float32, float16 or uint8).
+        data: ``(N, C, *S)`` storage tensor (float32, float16 or uint8), or a :class:`DiskArray`
+            read a batch at a time.
         device: where batches are returned.
         scale: multiply the storage by this to get [0, 1] values (1/255 for uint8, else 1).
-        on_device: whether ``data`` lives on ``device`` (else on the host, pinned on CUDA).
+        on_device: whether ``data`` lives on ``device`` (else on the host, pinned on CUDA, or on disk).
     """
 
-    data: torch.Tensor
+    data: torch.Tensor | DiskArray
     device: torch.device
     scale: float = 1.0
     on_device: bool = True
@@ -63,6 +136,8 @@ class Resident:
 
     def take(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Float32 batch ``(len(idx), C, *S)`` on ``device`` (host-side indices are fine)."""
+        if isinstance(self.data, DiskArray):
+            return self._from_disk(np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx))
         if self.on_device:
             idx = torch.as_tensor(idx).to(self.data.device, non_blocking=True)
             return self._float(self.data.index_select(0, idx))
@@ -73,10 +148,18 @@ class Resident:
 
     def slice(self, lo: int, hi: int) -> torch.Tensor:
         """Float32 batch of images ``lo:hi`` on ``device``."""
+        if isinstance(self.data, DiskArray):
+            return self._from_disk(np.arange(lo, min(hi, len(self.data))))
         chunk = self.data[lo:hi]
         if not self.on_device:
             chunk = chunk.to(self.device, non_blocking=True)
         return self._float(chunk)
+
+    def _from_disk(self, idx: np.ndarray) -> torch.Tensor:
+        chunk = torch.from_numpy(self.data.read(idx))
+        if self.device.type == "cuda":
+            chunk = chunk.pin_memory()
+        return self._float(chunk.to(self.device, non_blocking=True))
 
     def _float(self, t: torch.Tensor) -> torch.Tensor:
         t = t.float()  # a no-op for float32 storage
@@ -102,7 +185,8 @@ def resident(images: np.ndarray | torch.Tensor | Resident, device: torch.device 
     stored as uint8 when lossless, else float16 (values in [0, 1] keep ~4 significant digits,
     finer than the 8-12 bit sources), and kept on the GPU if they take at most ``budget`` of
     its free memory; otherwise they stay on the host (pinned) and batches are copied
-    asynchronously. Either way the batches returned are float32.
+    asynchronously. A :class:`DiskArray` stays on disk and each batch is read when taken.
+    Either way the batches returned are float32.
 
     Example:
         >>> r = resident(np.random.rand(10, 1, 8, 8).astype("float32"), "cpu")
@@ -112,6 +196,8 @@ def resident(images: np.ndarray | torch.Tensor | Resident, device: torch.device 
     if isinstance(images, Resident):
         return images
     device = torch.device(device)
+    if isinstance(images, DiskArray):  # larger than the memory budget: read a batch at a time
+        return Resident(images, device, on_device=False)
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     images = np.asarray(images)

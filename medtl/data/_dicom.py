@@ -20,15 +20,15 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
@@ -46,9 +46,22 @@ from medtl.data.privacy import IDENTIFYING_TAGS
 from medtl.errors import UnreadableFileError
 
 __all__ = [
-    "DicomPixels", "has_dicom_magic", "read_dataset", "decode_dataset", "dicom_meta",
-    "row_col_spacing", "frame_spacing", "quiet", "describe_exception", "header_value",
-    "check_declared_size", "format_bytes", "short",
+    "DicomPixels",
+    "check_declared_size",
+    "decode_dataset",
+    "describe_exception",
+    "dicom_meta",
+    "format_bytes",
+    "frame_positions",
+    "frame_spacing",
+    "has_dicom_magic",
+    "header_value",
+    "orientation_of",
+    "position_of",
+    "quiet",
+    "read_dataset",
+    "row_col_spacing",
+    "short",
 ]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -266,11 +279,14 @@ def _check_size(path: Path, rows: int, cols: int, frames: int, spp: int, photome
     check_declared(path, (frames, rows, cols, samples), FLOAT32, limit=limit, what=what)
 
 
-def decode_dataset(ds: Dataset, path: Path, *, max_bytes: int | None = None) -> DicomPixels:
+def decode_dataset(ds: Dataset, path: Path, *, max_bytes: int | None = None,
+                   spatial_view: Callable[[np.ndarray], np.ndarray] | None = None) -> DicomPixels:
     """Decode the pixels of one instance, apply the modality rescale/LUT and palette.
 
     ``max_bytes``: the largest image (float32 bytes) the header may declare; checked before the
-    decoder runs (``None``: no check).
+    decoder runs (``None``: no check). ``spatial_view``: maps the channel-first array to a view
+    of it (flips and a transpose of the spatial axes, see :mod:`medtl.data._geometry`) before the
+    rescale, so the returned array is already in that layout.
 
     Returns float32 ``(C, H, W)`` or ``(C, F, H, W)`` (``C`` = 1 grey, 3 colour); see
     :class:`DicomPixels`. Raises UnreadableFileError with a specific reason.
@@ -347,21 +363,55 @@ def decode_dataset(ds: Dataset, path: Path, *, max_bytes: int | None = None) -> 
         except (ValueError, AttributeError, KeyError, IndexError) as exc:
             raise UnreadableFileError(path, f"invalid palette colour lookup table: {_short(exc)}") from None
         colour_last = True
-    elif not colour_last:
+    # integers of <= 16 bits stay finite through an exact float32 rescale: no NaN/Inf scan needed
+    small_ints = arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2
+    arr = _channel_first(arr, colour_last, n_frames)
+    if not colour_last and n_frames > 1:
+        per_frame = _per_frame_rescale(ds, path, n_frames)
+        if per_frame is not None:
+            slopes, intercepts = per_frame
+            arr = arr.astype(np.float64) * slopes[None, :, None, None] + intercepts[None, :, None, None]
+            rescaled, small_ints = True, False
+    if spatial_view is not None:  # a view: the rescale below writes the reoriented array in one pass
+        arr = spatial_view(arr)
+    if not colour_last and not rescaled:
         arr, rescaled = _modality_rescale(arr, ds, path, n_frames)
-    arr = np.asarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
+        small_ints &= arr.dtype == np.float32  # the exact one-pass rescale (or none)
+    if arr.dtype != np.float32 or not _dense(arr):
+        arr = np.array(arr, dtype=np.float32, order="K")
+    if not small_ints and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
         raise UnreadableFileError(path, f"NaN/Inf in pixel data ({bad} of {arr.size} values)")
+    return DicomPixels(arr, photometric, rescaled)
+
+
+def _channel_first(arr: np.ndarray, colour_last: bool, n_frames: int) -> np.ndarray:
+    """A decoder array (``(H, W)``, ``(F, H, W)``, ``(H, W, 3)``, ``(F, H, W, 3)``) as a channel-first view."""
     if arr.ndim == 2:
-        arr = arr[None]
-    elif arr.ndim == 3 and colour_last and n_frames == 1:
-        arr = arr.transpose(2, 0, 1)
-    elif arr.ndim == 3:
-        arr = arr[None]
-    else:  # (F, H, W, C)
-        arr = arr.transpose(3, 0, 1, 2)
-    return DicomPixels(np.ascontiguousarray(arr), photometric, rescaled)
+        return arr[None]
+    if arr.ndim == 3 and colour_last and n_frames == 1:
+        return arr.transpose(2, 0, 1)
+    if arr.ndim == 3:
+        return arr[None]
+    return arr.transpose(3, 0, 1, 2)  # (F, H, W, C)
+
+
+def _per_frame_rescale(ds: Dataset, path: Path, n_frames: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-frame RescaleSlope/Intercept of an enhanced multi-frame instance, when they differ by frame."""
+    if any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence")):
+        return None
+    if _functional_group(ds, "PixelValueTransformationSequence") is not None:
+        return None
+    try:
+        frames = ds.PerFrameFunctionalGroupsSequence
+        groups = [f.PixelValueTransformationSequence[0] for f in frames]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    if len(groups) != n_frames:
+        return None
+    slopes = np.array([_float(g, "RescaleSlope", path) or 1.0 for g in groups])
+    intercepts = np.array([_float(g, "RescaleIntercept", path) or 0.0 for g in groups])
+    return slopes, intercepts
 
 
 def _modality_rescale(arr: np.ndarray, ds: Dataset, path: Path, n_frames: int) -> tuple[np.ndarray, bool]:
@@ -384,15 +434,27 @@ def _modality_rescale(arr: np.ndarray, ds: Dataset, path: Path, n_frames: int) -
     if _exact_in_float32(arr, slope, intercept):
         # One pass straight into float32: integer pixels of <= 16 bits plus an integral
         # intercept (slope 1) are exact in float32, so this equals the float64 result bit for bit.
-        out = np.empty(arr.shape, dtype=np.float32)
+        out = np.empty_like(arr, dtype=np.float32)  # in the source's memory order (see _dense)
         np.add(arr, np.float32(intercept), out=out, dtype=np.float32, casting="unsafe")
         return out, True
-    out = arr.astype(np.float64)
+    out = np.array(arr, dtype=np.float64, order="K")
     if slope != 1.0:
         np.multiply(out, slope, out=out)
     if intercept:
         np.add(out, intercept, out=out)
     return out, True
+
+
+def _dense(arr: np.ndarray) -> bool:
+    """True for an array in one block of memory with positive strides, in any axis order.
+
+    The rescale writes a reoriented image in the memory order of the decoded pixels (``order="K"``:
+    the transpose of an axial slice to ``(X, Y)`` costs nothing, and the result is C-contiguous up
+    to a permutation of its axes, like the F-ordered arrays nibabel returns); a copy into C order
+    would add a strided pass over every image that no consumer (NumPy, torch, MONAI) needs.
+    """
+    order = np.argsort(arr.strides, kind="stable")[::-1]
+    return arr.transpose(order).flags.c_contiguous
 
 
 def _exact_in_float32(arr: np.ndarray, slope: float, intercept: float) -> bool:
@@ -487,9 +549,13 @@ def _ascii_charset(ds: Dataset) -> bool:
     raw = ds.get_item(0x00080005)
     if raw is None:
         return True
-    if not isinstance(raw, RawDataElement) or raw.value is None:
-        return False
-    return raw.value.strip(b" \x00") in _ASCII_CHARSETS
+    value = raw.value
+    if isinstance(raw, RawDataElement):
+        return value is not None and value.strip(b" \x00") in _ASCII_CHARSETS
+    # dcmread converts Specific Character Set while reading: one plain value, or several (ISO 2022: not ASCII)
+    if isinstance(value, str) or value is None:
+        return (value or "").strip(" \x00").encode("ascii", "replace") in _ASCII_CHARSETS
+    return False
 
 
 def dicom_meta(ds: Dataset) -> dict[str, Any]:
@@ -532,6 +598,78 @@ def row_col_spacing(ds: Dataset) -> tuple[float, float]:
         if r > 0 and c > 0 and np.isfinite([r, c]).all():
             return r, c
     return 1.0, 1.0
+
+
+def orientation_of(ds: Dataset) -> tuple[float, ...] | None:
+    """ImageOrientationPatient (6 direction cosines, unit length) from the header or the
+    shared/first per-frame functional group; ``None`` when absent or invalid."""
+    value = header_value(ds, "ImageOrientationPatient")
+    if value is None:
+        group = _functional_group(ds, "PlaneOrientationSequence") or _frame_group(ds, 0, "PlaneOrientationSequence")
+        value = _plain(group.get("ImageOrientationPatient")) if group is not None else None
+    try:
+        iop = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    if iop.shape != (6,) or not np.isfinite(iop).all():
+        return None
+    row, col = iop[:3], iop[3:]
+    if not (0.9 < np.linalg.norm(row) < 1.1 and 0.9 < np.linalg.norm(col) < 1.1) or abs(row @ col) > 0.01:
+        return None  # not two orthogonal unit vectors: corrupt
+    return tuple(float(v) for v in np.concatenate([row / np.linalg.norm(row), col / np.linalg.norm(col)]))
+
+
+def position_of(ds: Dataset) -> np.ndarray | None:
+    """ImagePositionPatient (mm, LPS) of the first voxel, or ``None`` when absent or invalid."""
+    return _vector3(header_value(ds, "ImagePositionPatient"))
+
+
+def frame_positions(ds: Dataset, n_frames: int) -> tuple[list[np.ndarray | None], str] | None:
+    """Per-frame positions (LPS mm) of a multi-frame instance and where they came from.
+
+    Enhanced objects: PerFrameFunctionalGroupsSequence > PlanePositionSequence; RT dose and
+    NM-style objects: ImagePositionPatient plus GridFrameOffsetVector along the normal.
+    ``None`` when the instance carries no frame geometry at all.
+    """
+    try:
+        frames = ds.get("PerFrameFunctionalGroupsSequence")
+    except Exception:  # noqa: BLE001 - a corrupt sequence counts as absent
+        frames = None
+    if frames:
+        shared = _functional_group(ds, "PlanePositionSequence")
+        positions = []
+        for i in range(n_frames):
+            group = _frame_group(ds, i, "PlanePositionSequence") or shared
+            positions.append(_vector3(_plain(group.get("ImagePositionPatient"))) if group is not None else None)
+        if any(p is not None for p in positions):
+            return positions, "PerFrameFunctionalGroupsSequence"
+    origin, iop = position_of(ds), orientation_of(ds)
+    offsets = ds.get("GridFrameOffsetVector")
+    if origin is not None and iop is not None and offsets is not None:
+        try:
+            values = [float(v) for v in offsets]
+        except (TypeError, ValueError):
+            values = []
+        if len(values) == n_frames:
+            normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+            return [origin + v * normal for v in values], "GridFrameOffsetVector"
+    return None
+
+
+def _frame_group(ds: Dataset, index: int, keyword: str) -> Dataset | None:
+    try:
+        item = ds.PerFrameFunctionalGroupsSequence[index]
+        return item[keyword][0] if keyword in item else None
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+
+
+def _vector3(value: Any) -> np.ndarray | None:
+    try:
+        vec = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return vec if vec.shape == (3,) and np.isfinite(vec).all() else None
 
 
 def frame_spacing(ds: Dataset) -> float:

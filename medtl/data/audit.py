@@ -194,7 +194,7 @@ def _spelling_text(spellings: dict[str, dict[str, int]]) -> str:
 
 def _default_load(case: Case, budget: int | None = None) -> ScanImage:
     if case.path is not None:
-        return read_image(case.path, max_bytes=image_limit(budget))
+        return read_image(case.path, max_bytes=image_limit(budget), series=case.series)
     if case.array is None:
         raise DataError(f"Case {case.case_id!r} has neither a path nor an in-memory array.")
     arr = np.asarray(case.array, dtype=np.float32)
@@ -205,6 +205,7 @@ def _group_sources(cases: list[Case]) -> list[_Source]:
     sources: dict[str, _Source] = {}
     for i, case in enumerate(cases):
         key = f"path:{_resolved(case.path)}" if case.path is not None else f"memory:{i}"
+        key += f"#series={case.series}" if case.series else ""
         src = sources.setdefault(key, _Source(key, None if case.path is None else str(case.path)))
         src.cases.append(case)
     return list(sources.values())

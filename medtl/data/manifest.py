@@ -14,7 +14,7 @@ import io
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -46,6 +46,11 @@ class Case:
         split: ``"train"``/``"val"``/``"test"`` for official-split runs, else ``None``.
         raw_label: the label as spelled in the file when it was canonicalised (``"1.0"`` for
             ``label`` ``"1"``), else ``None``.
+        targets: the cells of further label columns (multi-task runs), ``{column: text}``,
+            stripped; ``""`` where the cell is empty or a missing-value word (``nan``, ``na``, ...).
+        series: for a DICOM folder holding several series, the one to read (a manifest's
+            ``series`` column: an index or key as the reader's error lists them, or the
+            SeriesInstanceUID; see :func:`medtl.data.readers.read_image`), else ``None``.
     """
 
     case_id: str
@@ -57,10 +62,12 @@ class Case:
     mask: str | None = None
     split: str | None = None
     raw_label: str | None = field(default=None, compare=False)
+    targets: dict[str, str] | None = field(default=None, compare=False, repr=False)
+    series: str | None = None
 
 
 REQUIRED_COLUMNS = ("path", "label", "patient_id")
-OPTIONAL_COLUMNS = ("site", "mask", "split")
+OPTIONAL_COLUMNS = ("site", "mask", "split", "series")
 
 # Class names of the MedMNIST files shipped with the project (medmnist/info.py, v3.0.2).
 MEDMNIST_CLASSES: dict[str, list[str]] = {
@@ -71,9 +78,11 @@ MEDMNIST_CLASSES: dict[str, list[str]] = {
 
 
 def read_manifest(path: str | Path, *, label_column: str = "label", root: str | Path | None = None,
-                  allow_duplicates: bool = False) -> list[Case]:
+                  allow_duplicates: bool = False, target_columns: Sequence[str] = ()) -> list[Case]:
     """Read a manifest CSV with columns ``path,label,patient_id`` (+ optional ``site``,
-    ``mask``, ``split``). Relative paths resolve against the manifest's folder.
+    ``mask``, ``split``, ``series``). Relative paths resolve against the manifest's folder.
+    ``series`` picks one series of a DICOM folder that holds several (:attr:`Case.series`);
+    one folder may then be listed once per series.
 
     Every problem in the file is collected and raised together as one :class:`DataError`
     that names the file, the row numbers and what to fix; nothing is silently dropped.
@@ -85,6 +94,8 @@ def read_manifest(path: str | Path, *, label_column: str = "label", root: str | 
         allow_duplicates: keep rows that repeat an earlier row's image path (the audit
             reports them); by default they are errors, because a file listed twice is
             counted twice and, under two patient ids, leaks across folds.
+        target_columns: further label columns (multi-task runs), kept per case in
+            :attr:`Case.targets`; their cells may be empty (a missing label).
 
     Example:
         >>> cases = read_manifest("data/manifest.csv", root="data")   # doctest: +SKIP
@@ -111,6 +122,7 @@ def read_manifest(path: str | Path, *, label_column: str = "label", root: str | 
     if missing:
         raise DataError(f"Manifest '{path}' lacks column(s) {missing}. Found columns {header}; required "
                         f"are {list(required)} (optional: {list(OPTIONAL_COLUMNS)}).")
+    _check_target_columns(target_columns, header, f"Manifest '{path}'")
     problems: list[str] = []
     cases: list[Case] = []
     base = path.parent
@@ -143,7 +155,8 @@ def read_manifest(path: str | Path, *, label_column: str = "label", root: str | 
         if outside:
             problems.append(f"row {line}: path '{outside[0]}' is outside the data root '{root_dir}'")
             continue
-        key = str(Path(os.path.normpath(p)))
+        series = row.get("series") or None
+        key = str(Path(os.path.normpath(p))) + (f"#series={series}" if series else "")
         if key in first_row and not allow_duplicates:
             problems.append(f"row {line}: path '{row['path']}' is already listed in row {first_row[key]}")
             continue
@@ -154,7 +167,8 @@ def read_manifest(path: str | Path, *, label_column: str = "label", root: str | 
             continue
         cases.append(Case(case_id=f"row{line:05d}", path=str(p), label=row[label_column],
                           patient_id=row["patient_id"], site=row.get("site") or None, mask=mask,
-                          split=split, raw_label=raw_label))
+                          split=split, raw_label=raw_label, targets=_targets(row, target_columns),
+                          series=series))
     if problems:
         raise DataError(f"Manifest '{path}' has {len(problems)} malformed row(s):\n  {_listing(problems)}\n"
                         "Fix these rows (or remove them deliberately) and run again.")
@@ -200,7 +214,8 @@ def read_medmnist(path: str | Path, *, split: str = "official") -> list[Case]:
 
 
 def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_column: str, label_column: str,
-                         patient_column: str | None = None, site_column: str | None = None) -> list[Case]:
+                         patient_column: str | None = None, site_column: str | None = None,
+                         target_columns: Sequence[str] = ()) -> list[Case]:
     """Cases from a folder of scans plus a label CSV keyed by file name (a typical hospital export).
 
     Each CSV row names one file (``file_column``, relative to ``folder``). The patient is
@@ -232,6 +247,7 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_col
     if missing:
         raise DataError(f"Label CSV '{labels_csv}' lacks column(s) {missing}; it has {header}. "
                         "Set data.labels.file_column / label_column / patient_column to existing columns.")
+    _check_target_columns(target_columns, [h.strip() for h in header], f"Label CSV '{labels_csv}'")
     from medtl.data.readers import read_dicom_patient_id
 
     problems, cases = [], []
@@ -265,7 +281,8 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *, file_col
             continue
         site = (row.get(site_column) or "").strip() or None if site_column else None
         cases.append(Case(case_id=f"row{line:05d}", path=str(path), label=label, patient_id=pid, site=site,
-                          raw_label=row.get(label_column)))
+                          raw_label=row.get(label_column),
+                          targets=_targets({(k or "").strip(): v for k, v in row.items()}, target_columns)))
     if problems:
         raise DataError(f"Label CSV '{labels_csv}' has {len(problems)} problem(s):\n  {_listing(problems)}")
     if not cases:
@@ -386,6 +403,29 @@ def _check_unique_columns(header: list[str], what: str) -> None:
         where = "; ".join(f"'{k}' in columns {', '.join(map(str, v))}" for k, v in repeated.items())
         raise DataError(f"{what} repeats column name(s) in its header: {where}. A CSV reader keeps only the last "
                         "of them, silently. Rename or remove the repeated column(s) and run again.")
+
+
+#: cell values read as a missing label in a further label column (multi-task runs)
+MISSING_LABELS = ("", "nan", "na", "n/a", "none", "null")
+
+
+def _targets(row: dict, columns: Sequence[str]) -> dict[str, str] | None:
+    """``{column: stripped cell}`` of the further label columns; ``""`` for a missing label."""
+    if not columns:
+        return None
+    out = {}
+    for c in columns:
+        v = row.get(c)
+        v = v.strip() if isinstance(v, str) else ""
+        out[c] = "" if v.lower() in MISSING_LABELS else v
+    return out
+
+
+def _check_target_columns(columns: Sequence[str], header: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{what} lacks the task column(s) {missing} named in `tasks`; it has {header}. Set each "
+                        "task's column (or columns) to an existing column.")
 
 
 def _is_symlink_loop(path: Path) -> bool:

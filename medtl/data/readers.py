@@ -20,6 +20,8 @@ Example:
 from __future__ import annotations
 
 import errno
+import hashlib
+import logging
 import os
 import stat
 from collections import Counter
@@ -30,10 +32,21 @@ from typing import Any
 import numpy as np
 
 from medtl.data import _dicom
+from medtl.data._geometry import (
+    Reorientation,
+    axis_codes,
+    check_axcodes,
+    dicom_affine,
+    pixel_grid,
+    plane_name,
+    spacing_of,
+)
 from medtl.data._memory import FLOAT32, check_declared, image_limit, out_of_memory_reason
-from medtl.errors import UnreadableFileError
+from medtl.errors import DataError, UnreadableFileError
 
-__all__ = ["ScanImage", "read_image", "read_dicom_patient_id", "SUPPORTED_SUFFIXES"]
+__all__ = ["SUPPORTED_SUFFIXES", "ScanImage", "orient_mask", "read_dicom_patient_id", "read_image", "series_key"]
+
+_log = logging.getLogger("medtl.data")
 
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -43,15 +56,24 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = _DICOM_SUFFIXES + _NIFTI_SUFFIXES + _PILLO
 
 @dataclass
 class ScanImage:
-    """A decoded scan.
+    """A decoded scan with its geometry.
 
     Attributes:
-        array: float32 channel-first pixels, ``(C, H, W)`` or ``(C, D, H, W)``.
-        spacing: mm per spatial axis in array order: ``(row, col)`` or ``(slice, row, col)``;
-            1.0 where unknown.
+        array: float32 channel-first pixels, ``(C, H, W)`` or ``(C, D, H, W)``; the spatial
+            axes follow the reader's axis code (``orientation``, RAS by default) when the
+            source carries geometry.
+        spacing: mm per spatial axis in array order (the column norms of ``affine`` for those
+            axes): ``(s0, s1)`` for 2D, ``(s0, s1, s2)`` for 3D; 1.0 where the source has none
+            (PNG/JPEG/TIFF).
         modality: DICOM Modality (``"CT"``, ``"MR"``, ``"CR"``, ...) or ``None``.
         is_hu: True when CT values were rescaled to Hounsfield units.
         meta: technical, non-identifying metadata (transfer syntax, scanner model, ...).
+        affine: ``(4, 4)`` float64, mm. ``affine @ [i, j, k, 1]`` is the world position
+            (RAS+, the NIfTI/MONAI convention) of the voxel at array index ``(i, j, k)`` of the
+            spatial axes in array order. For a 2D image ``(C, H, W)`` it is the 3D affine of
+            the plane: the voxel ``(i, j)`` is at ``affine @ [i, j, 0, 1]`` and the third
+            column is the plane normal scaled by the slice thickness (or 1 mm). Sources without
+            geometry (PNG/JPEG/TIFF) get ``diag(1, 1, 1, 1)``.
     """
 
     array: np.ndarray
@@ -59,34 +81,60 @@ class ScanImage:
     modality: str | None = None
     is_hu: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+
+    @property
+    def axcodes(self) -> str | None:
+        """The letters the spatial axes run toward, from :attr:`affine` (``"RAS"``; ``"RA"`` for an
+        axial slice read in RAS); ``None`` for an image without patient geometry (PNG/JPEG/TIFF,
+        radiographs, frames without positions), whose affine is only its pixel grid."""
+        if "orientation" not in self.meta:
+            return None
+        return axis_codes(self.affine, self.array.ndim - 1)
 
 
-def read_image(path: str | Path, *, max_bytes: int | None = None) -> ScanImage:
-    """Decode one image file or DICOM series folder.
+def read_image(path: str | Path, *, max_bytes: int | None = None, orientation: str = "RAS",
+               series: str | int | None = None) -> ScanImage:
+    """Decode one image file or DICOM series folder, with its affine, in one axis code.
 
     Dispatch: a folder → DICOM series (sorted along the slice normal); ``.nii``/``.nii.gz`` →
     NIfTI; ``.png/.jpg/.jpeg/.tif/.tiff/.bmp`` → Pillow; ``.dcm``, ``.dicom``, no suffix or a
     ``DICM`` marker at byte 128 → DICOM.
 
+    DICOM (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, slice positions; LPS
+    converted to RAS) and NIfTI (nibabel's affine, sform or qform) are flipped and transposed to
+    ``orientation`` exactly as MONAI's ``Orientation(axcodes=orientation)`` would, so the same
+    scan as a DICOM series and as a NIfTI file gives the same array and affine. Images without
+    patient geometry (PNG/JPEG/TIFF, radiographs without ImageOrientationPatient) keep their
+    pixel layout and get a pixel-grid affine.
+
     Args:
         max_bytes: the largest decoded image (float32 bytes) the header may declare; ``None``:
             :func:`~medtl.data._memory.image_limit` (half the available memory).
+        orientation: 3-letter axis code of the array's spatial axes (``"RAS"``: axis 0 points to
+            the patient's Right, axis 1 Anterior, axis 2 Superior); ``data.orientation`` in a config.
+        series: for a folder holding several series, the one to read: its index or key as the
+            error listing them shows (``1``, ``"3fa81c02"``), or its SeriesInstanceUID.
 
     Returns:
-        :class:`ScanImage` with a float32 ``(C, H, W)`` or ``(C, D, H, W)`` array.
+        :class:`ScanImage` with a float32 ``(C, H, W)`` or ``(C, X, Y, Z)`` array (spatial axes
+        in ``orientation``), its ``affine`` and ``spacing``.
 
     Raises:
         UnreadableFileError: with a specific reason (also for an image over ``max_bytes`` and
             for a ``MemoryError`` while decoding).
+        ConfigError: ``orientation`` is not a valid axis code.
 
     Example:
-        >>> read_image("series_folder/").array.shape     # doctest: +SKIP
-        (1, 120, 512, 512)
+        >>> img = read_image("series_folder/")            # doctest: +SKIP
+        >>> img.array.shape, img.spacing                  # doctest: +SKIP
+        ((1, 512, 512, 120), (0.7, 0.7, 2.5))
     """
     path = Path(path)
+    axcodes = check_axcodes(orientation)
     limit = image_limit() if max_bytes is None else int(max_bytes)
     try:
-        return _dispatch(path, limit)
+        return _dispatch(path, limit, axcodes, series)
     except UnreadableFileError:
         raise
     except MemoryError:
@@ -94,7 +142,7 @@ def read_image(path: str | Path, *, max_bytes: int | None = None) -> ScanImage:
     except RecursionError:
         raise UnreadableFileError(path, "corrupt file: its structure is nested too deeply to read "
                                         "(RecursionError)") from None
-    except Exception as exc:  # noqa: BLE001 - last resort: pydicom parses lazily, so errors surface anywhere
+    except Exception as exc:
         raise UnreadableFileError(path, _dicom.describe_exception(exc)) from exc
 
 
@@ -116,24 +164,86 @@ def _stat(path: Path) -> os.stat_result:
         raise UnreadableFileError(path, f"cannot open the file: {exc.strerror or exc}") from None
 
 
-def _dispatch(path: Path, limit: int) -> ScanImage:
+def _dispatch(path: Path, limit: int, axcodes: str, series: str | int | None) -> ScanImage:
     st = _stat(path)
     if stat.S_ISDIR(st.st_mode):
         with _dicom.quiet():
-            return _read_dicom_series(path, limit)
+            return _read_dicom_series(path, limit, axcodes, series)
     if st.st_size == 0:
         raise UnreadableFileError(path, "empty file (0 bytes): the export or copy did not finish")
     name = path.name.lower()
     if name.endswith(_NIFTI_SUFFIXES):
-        return _read_nifti(path, limit)
+        return _read_nifti(path, limit, axcodes)
     if name.endswith(_PILLOW_SUFFIXES):
         return _read_pillow(path, limit)
     if _looks_like_dicom_name(path) or _dicom.has_dicom_magic(path):
         with _dicom.quiet():
-            return _read_dicom_file(path, limit, st.st_size)
+            return _read_dicom_file(path, limit, axcodes, st.st_size)
     raise UnreadableFileError(path, (
         f"unsupported file type {path.suffix!r}; medtl reads {', '.join(SUPPORTED_SUFFIXES)}, "
         "DICOM files without a suffix and DICOM series folders"))
+
+
+def orient_mask(mask: np.ndarray, image: str | Path, *, orientation: str = "RAS") -> np.ndarray:
+    """A mask drawn on an image's stored pixels, in the layout :func:`read_image` gives that image.
+
+    A ``.npy`` region mask is an array without geometry: it follows the image as stored (the
+    rows and columns of a DICOM file, the voxel array of a NIfTI file). This flips and
+    transposes it exactly as the image is (from the header alone; no pixel is decoded).
+
+    Args:
+        mask: ``(H, W)`` for a 2D DICOM image, or the NIfTI image's shape.
+        image: the image file the mask belongs to.
+        orientation: the axis code the image is read in (``data.orientation``).
+
+    Returns:
+        The mask in the image's array layout (unchanged for images without patient geometry:
+        PNG/JPEG/TIFF, radiographs).
+
+    Raises:
+        DataError: the mask's shape does not match the image, or the image is a DICOM series
+            folder (save such a mask as NIfTI with the series' affine instead).
+
+    Example:
+        >>> m = orient_mask(np.load("masks/pat07_slice01.npy"), "dicom/pat07/IM0001.dcm")  # doctest: +SKIP
+    """
+    path, axcodes, mask = Path(image), check_axcodes(orientation), np.asarray(mask)
+    if path.is_dir():
+        raise DataError(f"A .npy mask cannot be placed on the DICOM series folder '{path}': its slice order is not "
+                        "stored in the array. Save the mask as NIfTI with the series' affine (or as DICOM).")
+    name = path.name.lower()
+    if name.endswith(_NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        while len(shape) > 2 and shape[-1] == 1:
+            shape = shape[:-1]
+        affine = np.asarray(img.affine, dtype=np.float64)
+    elif name.endswith(_PILLOW_SUFFIXES):
+        return mask
+    else:
+        with _dicom.quiet():
+            ds = _dicom.read_dataset(path, stop_before_pixels=True)
+        if _safe_int(_dicom.header_value(ds, "NumberOfFrames"), 1) > 1:
+            raise DataError(f"A .npy mask cannot be placed on the multi-frame DICOM '{path.name}': its frame order "
+                            "is not stored in the array. Save the mask as NIfTI with the image's affine instead.")
+        affine, shape = _plane_directions(ds), (_safe_int(ds.get("Rows"), 0), _safe_int(ds.get("Columns"), 0))
+        if affine is None:
+            return mask
+    if mask.shape != shape:
+        raise DataError(f"The mask of '{path.name}' has shape {mask.shape} but the image stores {shape} pixels; "
+                        "a .npy mask must match the image's stored rows and columns.")
+    return np.ascontiguousarray(Reorientation(affine, shape, axcodes).apply(mask[None])[0])
+
+
+def _plane_directions(ds: Any) -> np.ndarray | None:
+    """The RAS directions of a DICOM image's raw axes (row, column, normal), or ``None`` without geometry."""
+    iop = _dicom.orientation_of(ds)
+    if iop is None:
+        return None
+    dirs = np.asarray(iop, float)
+    return dicom_affine([dirs[3:], dirs[:3], np.cross(dirs[:3], dirs[3:])], np.zeros(3))
 
 
 def read_dicom_patient_id(path: str | Path) -> str | None:
@@ -181,7 +291,7 @@ def _looks_like_dicom_name(path: Path) -> bool:
     return suffix in _DICOM_SUFFIXES or suffix == "" or suffix[1:].isdigit()
 
 
-def _read_dicom_file(path: Path, limit: int, size: int | None = None) -> ScanImage:
+def _read_dicom_file(path: Path, limit: int, axcodes: str, size: int | None = None) -> ScanImage:
     if size is not None and size > limit:
         # a file larger than an image may be: check what its header declares before reading the pixels
         head = _dicom.read_dataset(path, stop_before_pixels=True)
@@ -190,25 +300,107 @@ def _read_dicom_file(path: Path, limit: int, size: int | None = None) -> ScanIma
             raise UnreadableFileError(path, (
                 f"file too large: {_dicom.format_bytes(size)} on disk, more than twice the per-image memory limit "
                 f"of {_dicom.format_bytes(limit)} (the smaller of data.memory_budget and half the available memory)"))
-    ds = _dicom.read_dataset(path)
-    pixels = _dicom.decode_dataset(ds, path, max_bytes=limit)
-    array = _invert_if_monochrome1(pixels.array, pixels.photometric)
+    return _dicom_instance(path, _dicom.read_dataset(path), limit, axcodes)
+
+
+def _dicom_instance(path: Path, ds: Any, limit: int, axcodes: str) -> ScanImage:
+    """One DICOM instance: a 2D image, or a multi-frame volume with per-frame geometry."""
+    n_frames = _safe_int(_dicom.header_value(ds, "NumberOfFrames"), 1)
+    if n_frames > 1:
+        return _dicom_multiframe(path, ds, limit, axcodes, n_frames)
     row, col = _dicom.row_col_spacing(ds)
     meta = _dicom.dicom_meta(ds)
-    if array.ndim == 4:
-        spacing: tuple[float, ...] = (_dicom.frame_spacing(ds), row, col)
-        meta["n_frames"] = int(array.shape[1])
-    else:
-        spacing = (row, col)
-    return _dicom_image(ds, array, spacing, pixels.rescaled, meta)
+    iop = _dicom.orientation_of(ds)
+    if iop is None:  # projection radiographs, secondary captures: no patient geometry
+        pixels = _dicom.decode_dataset(ds, path, max_bytes=limit)
+        meta["geometry"] = "pixel grid (no ImageOrientationPatient)"
+        return _dicom_image(ds, pixels, pixel_grid((row, col)), meta)
+    origin = _dicom.position_of(ds)
+    if origin is None:
+        meta["geometry"] = "no ImagePositionPatient: origin at 0"
+        origin = np.zeros(3)
+    dirs = np.asarray(iop, float)
+    normal = np.cross(dirs[:3], dirs[3:]) * _thickness(ds)
+    raw = dicom_affine([dirs[3:] * row, dirs[:3] * col, normal], origin)  # raw axes: (row, column, normal)
+    rows, cols = _safe_int(_dicom.header_value(ds, "Rows"), 0), _safe_int(_dicom.header_value(ds, "Columns"), 0)
+    plan = Reorientation(raw, (rows, cols), axcodes)
+    pixels = _dicom.decode_dataset(ds, path, max_bytes=limit, spatial_view=plan.apply)
+    meta["orientation"] = axcodes
+    return _dicom_image(ds, pixels, plan.affine, meta)
 
 
-def _dicom_image(ds: Any, array: np.ndarray, spacing: tuple[float, ...], rescaled: bool,
-                 meta: dict[str, Any]) -> ScanImage:
+def _thickness(ds: Any) -> float:
+    for kw in ("SliceThickness", "SpacingBetweenSlices"):
+        try:
+            value = float(_dicom.header_value(ds, kw) or 0)
+        except (TypeError, ValueError):
+            continue
+        if value > 0 and np.isfinite(value):
+            return value
+    return 1.0
+
+
+def _dicom_multiframe(path: Path, ds: Any, limit: int, axcodes: str, n_frames: int) -> ScanImage:
+    """A multi-frame instance as a volume ordered along its normal, with per-frame positions."""
+    row, col = _dicom.row_col_spacing(ds)
+    meta = _dicom.dicom_meta(ds)
+    meta["n_frames"] = n_frames
+    found = _dicom.frame_positions(ds, n_frames)
+    if found is None:  # cine loops, multi-page secondary captures: frames without geometry
+        pixels = _dicom.decode_dataset(ds, path, max_bytes=limit)
+        meta["geometry"] = "pixel grid (frames without positions)"
+        return _dicom_image(ds, pixels, pixel_grid((1.0, row, col)), meta)
+    positions, source = found
+    missing = [i + 1 for i, p in enumerate(positions) if p is None]
+    if missing:
+        raise UnreadableFileError(path, (
+            f"multi-frame image with incomplete geometry: frame(s) {_list(missing)} of {n_frames} have no "
+            f"ImagePositionPatient in {source}; re-export the object or convert it to single-frame slices"))
+    iop = _dicom.orientation_of(ds)
+    if iop is None:
+        raise UnreadableFileError(path, (
+            "multi-frame image with frame positions but no valid ImageOrientationPatient (top level or "
+            "PlaneOrientationSequence); the slice axis cannot be placed"))
+    odd = _frame_orientations_differ(ds, iop, n_frames)
+    if odd:
+        raise UnreadableFileError(path, (
+            f"mixed orientations in a multi-frame image: frame(s) {_list(odd)} do not share the first frame's "
+            f"ImageOrientationPatient ({plane_name(iop)}); split the object by orientation"))
+    order, slice_vec = _order_along_normal(path, np.array(positions), iop, what="frame")
+    pixels = _dicom.decode_dataset(ds, path, max_bytes=limit)
+    array = pixels.array if np.array_equal(order, np.arange(n_frames)) else pixels.array[:, order]
+    dirs = np.asarray(iop, float)
+    raw = dicom_affine([slice_vec, dirs[3:] * row, dirs[:3] * col], positions[order[0]])  # (frame, row, column)
+    plan = Reorientation(raw, tuple(array.shape[1:]), axcodes)
+    meta.update(orientation=axcodes, slice_order=source)
+    volume = np.ascontiguousarray(plan.apply(array))
+    return _dicom_image(ds, pixels._replace(array=volume), plan.affine, meta)
+
+
+def _frame_orientations_differ(ds: Any, iop: tuple[float, ...], n_frames: int) -> list[int]:
+    try:
+        frames = ds.get("PerFrameFunctionalGroupsSequence") or []
+    except Exception:  # noqa: BLE001 - a corrupt sequence: frame_positions already failed on it
+        return []
+    odd = []
+    for i, item in enumerate(frames[:n_frames]):
+        try:
+            value = item.PlaneOrientationSequence[0].ImageOrientationPatient
+            other = np.array([float(v) for v in value])
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+            continue
+        if other.shape == (6,) and np.abs(other - np.asarray(iop)).max() > _IOP_TOLERANCE:
+            odd.append(i + 1)
+    return odd
+
+
+def _dicom_image(ds: Any, pixels: Any, affine: np.ndarray, meta: dict[str, Any]) -> ScanImage:
+    array = _invert_if_monochrome1(pixels.array, pixels.photometric)
     modality = str(_dicom.header_value(ds, "Modality") or "").strip() or None
     rescale_type = str(_dicom.header_value(ds, "RescaleType") or "HU").strip().upper()
-    is_hu = modality == "CT" and rescaled and rescale_type in ("HU", "")
-    return ScanImage(array, tuple(float(s) for s in spacing), modality, is_hu, meta)
+    is_hu = modality == "CT" and pixels.rescaled and rescale_type in ("HU", "")
+    spacing = spacing_of(affine, array.ndim - 1)
+    return ScanImage(array, spacing, modality, is_hu, meta, affine)
 
 
 def _invert_if_monochrome1(array: np.ndarray, photometric: str) -> np.ndarray:
@@ -222,7 +414,29 @@ def _series_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _read_dicom_series(folder: Path, limit: int) -> ScanImage:
+# Direction cosines of one series may differ by this much (rounding in exported headers).
+_IOP_TOLERANCE = 1e-3
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1 ... .7.4
+
+
+def _set_aside_reason(ds: Any) -> str | None:
+    """Why an image does not belong to the volume of its series folder (``None``: it does)."""
+    image_type = _dicom.header_value(ds, "ImageType")
+    values = image_type if isinstance(image_type, list) else [image_type or ""]
+    if any(str(v).upper() == "LOCALIZER" for v in values):
+        return "localiser (ImageType LOCALIZER)"
+    sop = str(_dicom.header_value(ds, "SOPClassUID") or "")
+    if sop == _SECONDARY_CAPTURE or sop.startswith(_SECONDARY_CAPTURE + "."):
+        return "secondary capture (SOP Class Secondary Capture Image Storage)"
+    return None
+
+
+def series_key(uid: str) -> str:
+    """A short, non-identifying key of a SeriesInstanceUID (8 hex digits of its SHA-256)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:8]
+
+
+def _read_dicom_series(folder: Path, limit: int, axcodes: str, series: str | int | None) -> ScanImage:
     files = _series_files(folder)
     if not files:
         raise UnreadableFileError(folder, "empty folder: no files to read as a DICOM series")
@@ -243,48 +457,110 @@ def _read_dicom_series(folder: Path, limit: int) -> ScanImage:
         raise UnreadableFileError(folder, (
             f"no DICOM image in the folder ({len(files)} files: {not_dicom} not DICOM, "
             f"{non_image} DICOM objects without Pixel Data)"))
-    _check_single_series(folder, [ds for _, ds in instances])
-    if len(instances) == 1:
-        return _read_dicom_file(instances[0][0], limit)
-    _dicom.check_declared_size(instances[0][1], folder, limit, n_slices=len(instances))
-    ordered, slice_spacing, how = _sort_slices(folder, instances)
-    slices, rescaled, photometric = [], True, ""
-    for file, ds in ordered:
+    instances = _pick_series(folder, instances, series)
+    kept, aside = [], []
+    for file, ds in instances:
+        why = _set_aside_reason(ds)
+        (aside if why else kept).append((file, ds) if not why else {"file": file.name, "reason": why})
+    if not kept:
+        reasons = Counter(a["reason"] for a in aside)
+        raise UnreadableFileError(folder, (
+            "no image left for a volume: every image is set aside ("
+            + ", ".join(f"{n} {r}" for r, n in reasons.items())
+            + "); pass one file on its own to read it as a 2D image"))
+    if aside:
+        _log.warning("set aside %d image(s) of a DICOM series folder: %s", len(aside),
+                     ", ".join(f"{n} {r}" for r, n in Counter(a["reason"] for a in aside).items()))
+    _check_single_series(folder, [ds for _, ds in kept])
+    if len(kept) == 1:
+        file, ds = kept[0]
+        try:
+            img = _dicom_instance(file, ds, limit, axcodes)
+        except UnreadableFileError as exc:
+            raise UnreadableFileError(folder, f"{file.name}: {exc.reason}") from None
+        if aside:
+            img.meta["set_aside"] = aside
+        return img
+    _dicom.check_declared_size(kept[0][1], folder, limit, n_slices=len(kept))
+    iop = _series_orientation(folder, kept)
+    positions = [_dicom.position_of(ds) for _, ds in kept]
+    missing = [file.name for (file, _), p in zip(kept, positions) if p is None]
+    if missing:
+        raise UnreadableFileError(folder, (
+            f"missing or invalid ImagePositionPatient in {len(missing)} of {len(kept)} slices ({_list(missing)}); "
+            "without slice positions the slice order and spacing are unknown. Re-export the series with its "
+            "position tags (an anonymiser may have removed them) or pass the slices as 2D images"))
+    order, slice_vec = _order_along_normal(folder, np.array(positions), iop, what="slice")
+    ordered = [kept[i] for i in order]
+    first = ordered[0][1]
+    rows, cols = (_safe_int(_dicom.header_value(first, k), 0) for k in ("Rows", "Columns"))
+    row, col = _dicom.row_col_spacing(first)
+    dirs = np.asarray(iop, float)
+    raw = dicom_affine([slice_vec, dirs[3:] * row, dirs[:3] * col], positions[order[0]])  # (slice, row, column)
+    plan = Reorientation(raw, (len(ordered), rows, cols), axcodes)
+    volume, rescaled, photometric = None, True, ""
+    for k, (file, ds) in enumerate(ordered):
         try:
             pixels = _dicom.decode_dataset(ds, file, max_bytes=limit)
         except UnreadableFileError as exc:
             raise UnreadableFileError(folder, f"{file.name}: {exc.reason}") from None
-        slices.append(pixels.array)
+        if volume is None:
+            volume = np.empty((pixels.array.shape[0], len(ordered), *pixels.array.shape[1:]), np.float32)
+        volume[:, k] = pixels.array
         rescaled &= pixels.rescaled
         photometric = pixels.photometric
-    volume = _invert_if_monochrome1(np.stack(slices, axis=1), photometric)  # (C, D, H, W)
-    first = ordered[0][1]
     meta = _dicom.dicom_meta(first)
-    meta.update(n_slices=len(ordered), slice_order=how)
-    row, col = _dicom.row_col_spacing(first)
-    return _dicom_image(first, volume, (slice_spacing, row, col), rescaled, meta)
+    meta.update(n_slices=len(ordered), slice_order="ImagePositionPatient", orientation=axcodes)
+    if aside:
+        meta["set_aside"] = aside
+    out = _dicom.DicomPixels(np.ascontiguousarray(plan.apply(volume)), photometric, rescaled)
+    return _dicom_image(first, out, plan.affine, meta)
+
+
+def _pick_series(folder: Path, instances: list[tuple[Path, Any]], series: str | int | None) -> list[tuple[Path, Any]]:
+    """The instances of one SeriesInstanceUID: the only one, or the one ``series`` names."""
+    groups: dict[str, list[tuple[Path, Any]]] = {}
+    for file, ds in instances:
+        groups.setdefault(str(_dicom.header_value(ds, "SeriesInstanceUID") or ""), []).append((file, ds))
+    if len(groups) == 1 and series is None:
+        return instances
+
+    def number(uid: str) -> int:
+        return _safe_int(_dicom.header_value(groups[uid][0][1], "SeriesNumber"), 1 << 30)
+
+    uids = sorted(groups, key=lambda u: (number(u), series_key(u)))
+    if series is not None:
+        wanted = str(series).strip()
+        for i, uid in enumerate(uids, 1):
+            if wanted in (str(i), series_key(uid), uid):
+                return groups[uid]
+    listing = "; ".join(_describe_series(i, uid, groups[uid]) for i, uid in enumerate(uids, 1))
+    got = f"series={series!r} matches none of them" if series is not None else "pick one"
+    raise UnreadableFileError(folder, (
+        f"the folder holds {len(uids)} series (SeriesInstanceUIDs): {listing}. {got}: pass series=<index or key> "
+        "to read_image (or the manifest's series column), or put each series in its own folder"))
+
+
+def _describe_series(index: int, uid: str, members: list[tuple[Path, Any]]) -> str:
+    ds = members[0][1]
+    number = _dicom.header_value(ds, "SeriesNumber")
+    desc = str(_dicom.header_value(ds, "SeriesDescription") or "").strip()
+    parts = [f"#{index} key {series_key(uid)}", f"{len(members)} image(s)"]
+    if number is not None:
+        parts.append(f"series number {number}")
+    if desc:
+        parts.append(repr(desc[:40]))
+    return ", ".join(parts)
 
 
 def _check_single_series(folder: Path, datasets: list[Any]) -> None:
-    """Refuse folders that mix series, sizes, orientations or multi-frame files (counts only)."""
-    def counts(values: list[Any]) -> Counter:
-        return Counter(values)
-
+    """Refuse folders that mix image sizes or multi-frame files (counts only)."""
     hint = "put each series in its own folder"
-    series = counts([str(ds.get("SeriesInstanceUID") or "") for ds in datasets])
-    if len(series) > 1:
-        n = " and ".join(str(c) for c in sorted(series.values(), reverse=True))
-        raise UnreadableFileError(folder, f"mixed series: {len(series)} SeriesInstanceUIDs ({n} files); {hint}")
-    sizes = counts([(ds.get("Rows"), ds.get("Columns"), ds.get("SamplesPerPixel", 1)) for ds in datasets])
+    sizes = Counter((ds.get("Rows"), ds.get("Columns"), ds.get("SamplesPerPixel", 1)) for ds in datasets)
     if len(sizes) > 1:
         desc = ", ".join(f"{r}x{c}{'' if s == 1 else f'x{s}'} ({k} file{'s' if k != 1 else ''})"
                          for (r, c, s), k in sizes.most_common())
         raise UnreadableFileError(folder, f"mixed image sizes in one folder: {desc}; {hint}")
-    orient = counts([_orientation(ds) for ds in datasets])
-    if len(orient) > 1:
-        n = " and ".join(str(c) for c in sorted(orient.values(), reverse=True))
-        raise UnreadableFileError(folder, (
-            f"mixed orientations: {len(orient)} different ImageOrientationPatient values ({n} files); {hint}"))
     multi = sum(1 for ds in datasets if _safe_int(ds.get("NumberOfFrames"), 1) > 1)
     if multi and len(datasets) > 1:
         raise UnreadableFileError(folder, (
@@ -292,20 +568,44 @@ def _check_single_series(folder: Path, datasets: list[Any]) -> None:
             "pass each multi-frame file to medtl on its own"))
 
 
-def _orientation(ds: Any) -> tuple[float, ...] | None:
-    try:
-        iop = tuple(round(float(v), 3) for v in ds.ImageOrientationPatient)
-        return iop if len(iop) == 6 else None
-    except (AttributeError, TypeError, ValueError):
-        return None
+def _series_orientation(folder: Path, kept: list[tuple[Path, Any]]) -> tuple[float, ...]:
+    """The ImageOrientationPatient every slice shares; refuses missing or mixed orientations by file."""
+    iops = [_dicom.orientation_of(ds) for _, ds in kept]
+    missing = [file.name for (file, _), v in zip(kept, iops) if v is None]
+    if missing:
+        raise UnreadableFileError(folder, (
+            f"missing or invalid ImageOrientationPatient in {len(missing)} of {len(kept)} slices ({_list(missing)}); "
+            "a series needs it to place its slices. Re-export the series with its geometry tags"))
+    groups: list[tuple[tuple[float, ...], list[str]]] = []
+    for (file, _), iop in zip(kept, iops):
+        for ref, names in groups:
+            if max(abs(a - b) for a, b in zip(ref, iop)) <= _IOP_TOLERANCE:
+                names.append(file.name)
+                break
+        else:
+            groups.append((iop, [file.name]))
+    if len(groups) == 1:
+        return groups[0][0]
+    groups.sort(key=lambda g: -len(g[1]))
+    main, odd = groups[0], groups[1:]
+    ds = kept[0][1]
+    number = _dicom.header_value(ds, "SeriesNumber")
+    desc = str(_dicom.header_value(ds, "SeriesDescription") or "").strip()
+    name = " ".join(p for p in (f"series {number}" if number is not None else "", repr(desc[:40]) if desc else "") if p)
+    odd_text = "; ".join(f"{len(n)} {plane_name(iop)} ({_iop_text(iop)}): {_list(n)}" for iop, n in odd)
+    raise UnreadableFileError(folder, (
+        f"mixed orientations in {name or 'the series'}: {len(main[1])} slices are {plane_name(main[0])} "
+        f"(ImageOrientationPatient {_iop_text(main[0])}) but {odd_text}. The slices of one volume must share one "
+        "orientation; move the odd file(s) (a reference or localiser image?) out of the folder"))
 
 
-def _position(ds: Any) -> np.ndarray | None:
-    try:
-        ipp = np.array([float(v) for v in ds.ImagePositionPatient], dtype=float)
-        return ipp if ipp.shape == (3,) and np.isfinite(ipp).all() else None
-    except (AttributeError, TypeError, ValueError):
-        return None
+def _iop_text(iop: tuple[float, ...]) -> str:
+    return "[" + ", ".join(f"{v:.3g}" for v in iop) + "]"
+
+
+def _list(items: list[Any], limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _safe_int(value: Any, default: int) -> int:
@@ -315,35 +615,32 @@ def _safe_int(value: Any, default: int) -> int:
         return default
 
 
-def _sort_slices(folder: Path, instances: list[tuple[Path, Any]]) -> tuple[list[tuple[Path, Any]], float, str]:
-    """Order slices along the slice normal (fallback InstanceNumber, then file name)."""
-    iop = _orientation(instances[0][1])
-    positions = [_position(ds) for _, ds in instances]
-    if iop is not None and all(p is not None for p in positions):
-        normal = np.cross(np.array(iop[:3]), np.array(iop[3:]))
-        proj = np.array([float(p @ normal) for p in positions])  # type: ignore[operator]
-        order = np.argsort(proj, kind="stable")
-        steps = np.diff(proj[order])
-        if (steps < 1e-3).any():
-            n_dup = int((steps < 1e-3).sum())
-            raise UnreadableFileError(folder, (
-                f"{n_dup + 1} or more slices share the same position (several acquisitions, echoes "
-                "or time points in one series?); put each acquisition in its own folder"))
-        _check_even_steps(folder, steps)
-        return [instances[i] for i in order], float(np.median(steps)), "ImagePositionPatient"
-    fallback = _dicom.frame_spacing(instances[0][1])
-    numbers = [_safe_int(ds.get("InstanceNumber"), -1) for _, ds in instances]
-    if all(n >= 0 for n in numbers) and len(set(numbers)) == len(numbers):
-        order = np.argsort(numbers, kind="stable")
-        return [instances[i] for i in order], fallback, "InstanceNumber"
-    return list(instances), fallback, "file name"
+def _order_along_normal(where: Path, positions: np.ndarray, iop: tuple[float, ...],
+                        what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Sort slices (or frames) along the slice normal; returns the order and the LPS step vector (mm).
+
+    The spacing comes from the positions (gapped or overlapping slices are fine when evenly
+    spaced); duplicate positions and uneven steps are refused with a reason.
+    """
+    normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+    proj = positions @ normal
+    order = np.argsort(proj, kind="stable")
+    steps = np.diff(proj[order])
+    if (steps < 1e-3).any():
+        n_dup = int((steps < 1e-3).sum())
+        raise UnreadableFileError(where, (
+            f"{n_dup + 1} or more {what}s share the same position (several acquisitions, echoes "
+            f"or time points in one series?); put each acquisition in its own folder"))
+    _check_even_steps(where, steps, what)
+    slice_vec = (positions[order[-1]] - positions[order[0]]) / (len(order) - 1)
+    return order, slice_vec
 
 
 # Slice steps may jitter by this much (rounding in exported positions) and still count as even.
 _STEP_TOLERANCE_MM, _STEP_TOLERANCE_REL = 0.01, 0.02
 
 
-def _check_even_steps(folder: Path, steps: np.ndarray) -> None:
+def _check_even_steps(folder: Path, steps: np.ndarray, what: str = "slice") -> None:
     """Refuse a series whose slices are not evenly spaced along the normal.
 
     ``steps`` are the sorted slice-to-slice distances (mm). A step that is a whole multiple
@@ -363,16 +660,16 @@ def _check_even_steps(folder: Path, steps: np.ndarray) -> None:
         n_missing = int(np.round(ratios).sum() - len(ratios))
         where = ", ".join(str(int(i) + 1) for i in np.flatnonzero(odd)[:5])
         raise UnreadableFileError(folder, (
-            f"missing slices: {n_missing} slice(s) absent from a series spaced {usual:.3g} mm (gap after "
-            f"sorted slice {where}); export the complete series or pass its slices as 2D images"))
+            f"missing {what}s: {n_missing} {what}(s) absent from a series spaced {usual:.3g} mm (gap after "
+            f"sorted {what} {where}); export the complete series or pass its slices as 2D images"))
     raise UnreadableFileError(folder, (
-        f"inconsistent slice spacing: steps between slices range from {steps.min():.3g} to "
+        f"inconsistent {what} spacing: steps between {what}s range from {steps.min():.3g} to "
         f"{steps.max():.3g} mm (usual {usual:.3g} mm, {int(odd.sum())} of {len(steps)} steps differ); "
         "resample the series to even spacing or put each part in its own folder"))
 
 
 # --------------------------------------------------------------------------- NIfTI
-def _read_nifti(path: Path, limit: int) -> ScanImage:
+def _read_nifti(path: Path, limit: int, axcodes: str) -> ScanImage:
     import nibabel as nib  # local: nibabel is only needed for NIfTI input
 
     try:
@@ -396,26 +693,25 @@ def _read_nifti(path: Path, limit: int) -> ScanImage:
         raise UnreadableFileError(path, f"empty or 1D image (shape {shape})")
     check_declared(path, shape, FLOAT32, limit=limit, what=f"a {len(shape)}D image of {' x '.join(map(str, shape))} "
                    f"voxels ({img.get_data_dtype()} on disk)")
+    affine = np.asarray(img.affine, dtype=np.float64)  # sform or qform, as nibabel chooses
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise UnreadableFileError(path, "invalid NIfTI geometry: its affine (sform/qform) is singular or not finite")
+    plane = len(shape) == 2 or shape[2] == 1
+    spatial = shape[:2] if plane else shape
+    plan = Reorientation(affine, spatial, axcodes)
     try:
-        img = nib.as_closest_canonical(img)  # RAS+: the same anatomy lands on the same axes
-        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(img.shape[:len(shape)])
+        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(spatial)
     except (EOFError, OSError, ValueError) as exc:
         raise UnreadableFileError(path, f"truncated or corrupt NIfTI data: {' '.join(str(exc).split())}") from None
     if not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise UnreadableFileError(path, f"NaN/Inf in image data ({bad} of {data.size} voxels)")
-    zooms = [float(z) if z and np.isfinite(z) and z > 0 else 1.0 for z in img.header.get_zooms()[:3]]
-    zooms += [1.0] * (3 - len(zooms))
-    meta: dict[str, Any] = {"format": type(img).__name__, "orientation": "RAS (reoriented)",
-                            "original_shape": list(shape)}
-    if len(shape) == 3 and shape[2] > 1:
-        array = data.transpose(2, 1, 0)[None]  # (x, y, z) → (1, z, y, x) = (C, D, H, W)
-        spacing: tuple[float, ...] = (zooms[2], zooms[1], zooms[0])
+    meta: dict[str, Any] = {"format": type(img).__name__, "orientation": axcodes, "original_shape": list(shape),
+                            "original_orientation": "".join(nib.aff2axcodes(affine))}
+    if not plane:
         meta["n_slices"] = shape[2]
-    else:
-        array = data.reshape(shape[0], shape[1]).T[None]  # (x, y) → (1, y, x)
-        spacing = (zooms[1], zooms[0])
-    return ScanImage(np.ascontiguousarray(array, dtype=np.float32), spacing, None, False, meta)
+    array = np.ascontiguousarray(plan.apply(data[None]), dtype=np.float32)
+    return ScanImage(array, spacing_of(plan.affine, len(spatial)), None, False, meta, plan.affine)
 
 
 # --------------------------------------------------------------------------- Pillow
@@ -451,7 +747,8 @@ def _read_pillow(path: Path, limit: int) -> ScanImage:
     meta = {"format": fmt, "rows": int(array.shape[-2]), "columns": int(array.shape[-1])}
     if len(frames) > 1:
         meta["n_slices"] = len(frames)
-    return ScanImage(array, (1.0,) * (array.ndim - 1), None, False, meta)
+    spacing = (1.0,) * (array.ndim - 1)
+    return ScanImage(array, spacing, None, False, meta, pixel_grid(spacing))
 
 
 def _pil_to_array(img: Any) -> np.ndarray:

@@ -1,11 +1,13 @@
 """3D saliency as NIfTI in the scan's own space, to open over the scan in 3D Slicer or ITK-SNAP.
 
-medtl reads a NIfTI volume in RAS+ orientation (``nibabel.as_closest_canonical``) as
-``(D, H, W) = (z, y, x)`` and resizes it to ``data.image_size``. :func:`save_nifti` undoes
-both: it resamples the map (trilinear) back to the scan's own grid, reorders it to
-nibabel's ``(x, y, z)`` and writes it with the scan's canonical affine, so it overlays the
-scan voxel for voxel. Without a reference scan, a diagonal affine from ``spacing`` is used
-(correct voxel size, no position or orientation).
+A map is computed on the model's grid (``data.image_size``). The scan's geometry travelled
+with the image from the reader through :func:`medtl.data.prepare.prepare`
+(:class:`~medtl.data._grid.Geometry`: the scan's affine and shape, and where the model's grid
+lies in it), so :func:`save_nifti` resamples the map (linearly) back to the scan's grid and
+writes it with the scan's affine: reloaded with nibabel, the map has the scan's affine and
+shape, and its hot spot is on the same voxels as the structure it points at. Nothing is
+re-read from the scan's file. Without geometry (e.g. MedMNIST arrays), the map keeps its own
+grid with a diagonal affine from ``spacing`` (correct voxel size, no position or orientation).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from medtl.errors import DataError, UnreadableFileError
+from medtl.data._grid import Geometry
+from medtl.errors import DataError
 
 __all__ = ["save_nifti"]
 
@@ -25,25 +27,25 @@ def save_nifti(
     attribution: np.ndarray,
     path: str | Path,
     *,
-    reference: str | Path | None = None,
+    geometry: Geometry | None = None,
     spacing: Sequence[float] | None = None,
 ) -> Path:
     """Write a 3D attribution map ``(D, H, W)`` as a float32 NIfTI file.
 
     Args:
-        attribution: the map on the model's grid, ``(D, H, W)`` (a leading size-1 axis is
-            dropped).
+        attribution: the map on the model's grid, ``(D, H, W)`` in the array order of the
+            prepared image (a leading size-1 axis is dropped).
         path: output file (``.nii`` or ``.nii.gz``); parent folders are created.
-        reference: the scan the map explains (a NIfTI file): the map is resampled to its
-            grid and written with its (RAS+ canonical) affine.
-        spacing: ``(slice, row, col)`` voxel size in mm of the map's grid, used when there
-            is no reference.
+        geometry: the prepared case's geometry (``PreparedData.geometry[i]``): the map is
+            resampled to the scan's grid and written with the scan's affine.
+        spacing: voxel size in mm per array axis of the map's grid, used when there is no
+            geometry (default 1 mm).
 
     Returns:
         The written path.
 
     Example:
-        >>> save_nifti(maps[0].numpy(), "case7_gradcam.nii.gz", reference="case7.nii.gz")  # doctest: +SKIP
+        >>> save_nifti(maps[0].numpy(), "case7_gradcam.nii.gz", geometry=data.geometry[7])  # doctest: +SKIP
         PosixPath('case7_gradcam.nii.gz')
     """
     import nibabel as nib
@@ -57,26 +59,19 @@ def save_nifti(
     out = Path(path)
     if not out.name.endswith((".nii", ".nii.gz")):
         raise DataError(f"save_nifti writes .nii or .nii.gz files. Got '{out.name}' instead.")
-    if reference is not None:
-        try:
-            ref = nib.as_closest_canonical(nib.load(str(reference)))
-        except (OSError, nib.filebasedimages.ImageFileError) as err:
-            raise UnreadableFileError(reference, f"reference scan for the NIfTI export: {err}") from None
-        shape_xyz = tuple(int(s) for s in ref.shape[:3])
-        if len(shape_xyz) != 3:
-            raise DataError(f"The reference scan must be a 3D volume; it has shape {ref.shape}.")
-        grid = (shape_xyz[2], shape_xyz[1], shape_xyz[0])  # (D, H, W) = (z, y, x)
-        if a.shape != grid:
-            a = torch.nn.functional.interpolate(torch.from_numpy(a)[None, None], size=grid,
-                                                mode="trilinear", align_corners=False)[0, 0].numpy()
-        affine = ref.affine
+    if geometry is not None:
+        if len(geometry.shape) != 3:
+            raise DataError(f"The scan of this map is {len(geometry.shape)}D (shape {geometry.shape}); a 3D map "
+                            "needs a 3D scan. Prepare the case with spatial_dims: 3.")
+        a = geometry.to_scan(a)
+        affine = np.asarray(geometry.affine, dtype=np.float64)
     else:
         sp = tuple(float(s) for s in (spacing or (1.0, 1.0, 1.0)))
         if len(sp) != 3 or min(sp) <= 0:
-            raise DataError(f"The 'spacing' parameter of save_nifti must be 3 positive numbers "
-                            f"(slice, row, col) in mm. Got {spacing!r} instead.")
-        affine = np.diag([sp[2], sp[1], sp[0], 1.0])
-    img = nib.Nifti1Image(np.ascontiguousarray(a.transpose(2, 1, 0)), affine)
+            raise DataError(f"The 'spacing' parameter of save_nifti must be 3 positive numbers in mm, one per "
+                            f"array axis. Got {spacing!r} instead.")
+        affine = np.diag([*sp, 1.0])
+    img = nib.Nifti1Image(np.ascontiguousarray(a), affine)
     img.header.set_xyzt_units("mm")
     img.header["descrip"] = b"medtl saliency"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,17 +6,25 @@ normalised per map to ``[0, 1]`` with the top 0.5 % clipped so that a few extrem
 shown). Values below 5 % of the scale
 are left transparent so the scan stays readable. For a volume ``(D, H, W)`` one slice is
 shown: the one holding the most attribution, named in the title.
+
+Scans with patient geometry are drawn the way a radiologist reads them, from the axis codes
+that travel with the image (``axcodes``, e.g. ``"RAS"`` of the prepared grid): axial slices
+with anterior at the top and the patient's right on the viewer's left, coronal and sagittal
+slices with superior at the top (:func:`medtl.data._geometry.display_view`). Images without
+geometry (``axcodes=None``: PNG, MedMNIST) are drawn as stored.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping
+from functools import partial
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from medtl.data._geometry import check_codes, cut_axis, display_view
 from medtl.errors import DataError
 
 __all__ = ["overlay_png", "panel_png", "montage_png", "display_map", "METHOD_TITLES"]
@@ -65,6 +73,7 @@ def overlay_png(
     mask: np.ndarray | None = None,
     alpha: float = 0.45,
     cmap: str = "jet",
+    axcodes: str | None = None,
 ) -> bytes:
     """One attribution map over the scan, as PNG bytes.
 
@@ -76,6 +85,9 @@ def overlay_png(
         mask: optional region of interest, same shape, drawn as a contour.
         alpha: opacity of the heat map.
         cmap: matplotlib colormap name for the heat map.
+        axcodes: the letters the spatial axes run toward (``"RA"`` for a 2D axial slice in RAS,
+            ``"RAS"`` for a volume), to draw the scan in radiological orientation; ``None``:
+            as stored.
 
     Returns:
         PNG bytes.
@@ -86,7 +98,7 @@ def overlay_png(
         b'\\x89PNG'
     """
     return panel_png(image, {"": attribution}, title=title, mask=mask, alpha=alpha, cmap=cmap,
-                     show_image=False)
+                     show_image=False, axcodes=axcodes)
 
 
 def panel_png(
@@ -98,6 +110,7 @@ def panel_png(
     alpha: float = 0.45,
     cmap: str = "jet",
     show_image: bool = True,
+    axcodes: str | None = None,
 ) -> bytes:
     """Side-by-side panel ``image | map 1 | map 2 ...`` as PNG bytes.
 
@@ -109,8 +122,11 @@ def panel_png(
         mask: optional region of interest, drawn as a contour on every map.
         alpha: heat-map opacity; cmap: heat-map colormap.
         show_image: whether to lead with the plain scan.
+        axcodes: the letters the spatial axes run toward (``"RA"``, ``"RAS"``): the scan is
+            drawn in radiological orientation; ``None`` (no patient geometry): as stored.
 
-    For volumes every panel shows the same slice: the one with the largest summed
+    For volumes every panel shows the same slice (axial when ``axcodes`` is known, else along
+    the first axis): the one with the largest summed
     attribution, each map normalised over the whole volume before summing so that every
     method weighs equally; the shown slice is then normalised on its own for display.
 
@@ -128,16 +144,21 @@ def panel_png(
                 f"panel_png needs the image and every map/mask on the same grid. The image is "
                 f"{img.shape} but the {name} is {arr.shape}; resample it to the image grid."
             )
-    full_title = title
+    full_title, codes = title, _check_codes(axcodes, img.ndim)
     if img.ndim == 3:
-        energy = sum(display_map(m).sum(axis=(1, 2)) for m in shown.values())
+        axis = 0 if codes is None else cut_axis(codes, "axial")
+        rest = tuple(a for a in range(3) if a != axis)
+        energy = sum(display_map(m).sum(axis=rest) for m in shown.values())
         k = int(np.argmax(energy))
-        img = img[k]
-        shown = {name: m[k] for name, m in shown.items()}
-        roi = None if roi is None else roi[k]
-        note = f"slice {k + 1} of {len(energy)} (most attribution)"
+        img = _cut(img, axis, k)
+        shown = {name: _cut(m, axis, k) for name, m in shown.items()}
+        roi = None if roi is None else _cut(roi, axis, k)
+        codes = None if codes is None else codes[:axis] + codes[axis + 1:]
+        note = f"{'axial ' if axcodes else ''}slice {k + 1} of {len(energy)} (most attribution)"
         full_title = f"{title} — {note}" if title else note
-    shown = {name: display_map(m) for name, m in shown.items()}  # scaled on the shown slice
+    img = display_view(img, codes)
+    roi = None if roi is None else display_view(roi, codes)
+    shown = {name: display_map(display_view(m, codes)) for name, m in shown.items()}  # scaled on the shown slice
     return _render(np.clip(np.nan_to_num(img), 0.0, 1.0), shown, roi, full_title, alpha, cmap,
                    show_image)
 
@@ -151,10 +172,13 @@ def montage_png(
     n_slices: int = 5,
     alpha: float = 0.45,
     cmap: str = "jet",
+    axcodes: str | None = None,
 ) -> bytes:
     """3D overlay: slice montages in the three planes plus a maximum-intensity projection.
 
-    Rows are the axial (along D), coronal (along H) and sagittal (along W) planes; each row
+    Rows are the axial, coronal and sagittal planes (with ``axcodes``: cut across the S/I,
+    A/P and R/L axes and drawn in radiological orientation; without: along D, H and W as
+    stored); each row
     shows ``n_slices`` evenly spaced slices through the part of the volume that holds
     attribution, then the MIP of the map along that axis over the scan's MIP. The map is
     scaled once for the whole volume (see :func:`display_map`), so colours compare across
@@ -166,6 +190,8 @@ def montage_png(
         title: figure title (a case id, never a patient identifier).
         mask: optional region of interest ``(D, H, W)``, drawn as a contour.
         n_slices: slices per plane (>= 1).
+        axcodes: the letters the three axes run toward (e.g. ``"RAS"``); ``None``: no patient
+            geometry, the volume is taken as ``(D, H, W)`` = axial, coronal, sagittal cuts as stored.
 
     Returns:
         PNG bytes.
@@ -186,26 +212,29 @@ def montage_png(
         )
     if not isinstance(n_slices, int) or isinstance(n_slices, bool) or n_slices < 1:
         raise DataError(f"The 'n_slices' parameter of montage_png must be an int >= 1. Got {n_slices!r} instead.")
+    codes = _check_codes(axcodes, 3)
     vol = np.clip(np.nan_to_num(vol), 0.0, 1.0)
     heat = display_map(att)
     fig = Figure(figsize=(1.9 * (n_slices + 1) + 0.8, 1.9 * 3 + 0.6), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(3, n_slices + 1, squeeze=False)
-    for row, (plane, axis) in enumerate(_PLANES):
+    for row, (plane, stored_axis) in enumerate(_PLANES):
+        axis = stored_axis if codes is None else cut_axis(codes, plane)
+        shown = partial(display_view, axcodes=None if codes is None else codes[:axis] + codes[axis + 1:])
         for col, k in enumerate(_slice_positions(heat, axis, n_slices)):
             ax = axes[row, col]
-            ax.imshow(_cut(vol, axis, k), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
+            ax.imshow(shown(_cut(vol, axis, k)), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
                       aspect="auto")
-            ax.imshow(np.ma.masked_less(_cut(heat, axis, k), _HIDE_BELOW), cmap=cmap, vmin=0.0,
+            ax.imshow(np.ma.masked_less(shown(_cut(heat, axis, k)), _HIDE_BELOW), cmap=cmap, vmin=0.0,
                       vmax=1.0, alpha=alpha, interpolation="nearest", aspect="auto")
-            _draw_mask(ax, None if roi is None else _cut(roi, axis, k))
+            _draw_mask(ax, None if roi is None else shown(_cut(roi, axis, k)))
             ax.set_title(f"{plane} {k + 1}/{vol.shape[axis]}", fontsize=10)
         ax = axes[row, n_slices]
-        ax.imshow(vol.max(axis=axis), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
+        ax.imshow(shown(vol.max(axis=axis)), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest",
                   aspect="auto")
-        mip = ax.imshow(np.ma.masked_less(heat.max(axis=axis), _HIDE_BELOW), cmap=cmap, vmin=0.0,
+        mip = ax.imshow(np.ma.masked_less(shown(heat.max(axis=axis)), _HIDE_BELOW), cmap=cmap, vmin=0.0,
                         vmax=1.0, alpha=alpha, interpolation="nearest", aspect="auto")
-        _draw_mask(ax, None if roi is None else roi.any(axis=axis))
+        _draw_mask(ax, None if roi is None else shown(roi.any(axis=axis)))
         ax.set_title(f"{plane} MIP", fontsize=10, fontweight="bold")
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -230,6 +259,10 @@ def _slice_positions(heat: np.ndarray, axis: int, n: int) -> list[int]:
 
 def _cut(arr: np.ndarray, axis: int, k: int) -> np.ndarray:
     return np.take(arr, k, axis=axis)
+
+
+def _check_codes(axcodes: str | None, spatial: int) -> str | None:
+    return None if axcodes is None else check_codes(axcodes, spatial)
 
 
 def _render(img: np.ndarray, maps: dict[str, np.ndarray], roi: np.ndarray | None, title: str,

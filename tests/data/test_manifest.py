@@ -218,17 +218,23 @@ def test_configured_class_names_take_the_labels_spelling(tmp_path, shared_data):
         prepare(cfg, progress=False)
 
 
-def test_a_cache_over_the_memory_budget_is_refused_before_decoding(tmp_path, monkeypatch):
+def test_a_cache_over_the_memory_budget_is_decoded_to_disk(tmp_path, monkeypatch):
     from medtl.data import readers
 
-    monkeypatch.setattr(readers, "read_image", lambda *a, **k: pytest.fail("nothing is decoded"))
+    seen = []
+
+    def fake_read(path, **kw):
+        seen.append(path)
+        return readers.ScanImage(np.full((1, 64, 64), len(seen), np.float32), (1.0, 1.0))
+
+    monkeypatch.setattr(readers, "read_image", fake_read)
     path = _manifest_of(tmp_path, ["0", "1"] * 10)
-    cfg = load_config({"data": {"path": str(path), "image_size": [512, 512], "memory_budget": "16MiB"},
+    cfg = load_config({"data": {"path": str(path), "image_size": [512, 512], "memory_budget": "16MiB",
+                                "intensity": {"mode": "range", "vmin": 0, "vmax": 20}},
                        "train": {"batch_size": 8}, "explain": {"batch_size": 8}})
-    with pytest.raises(DataError) as err:
-        prepare(cfg, progress=False)
-    assert str(err.value).startswith("The decoded images would need 21 MB (20 cases at 512x512 as float32), more "
-                                     "than the memory budget (data.memory_budget=16.8 MB). Lower data.image_size")
+    data = prepare(cfg, progress=False, cache_dir=tmp_path / "decoded")  # 21 MB of images, 16.8 MB budget
+    assert data.on_disk and data.images.shape == (20, 1, 512, 512) and len(seen) == 20
+    assert np.asarray(data.images[[4]]).max() == pytest.approx(5 / 20)
 
 
 def test_the_memory_budget_limits_each_file_and_memory_errors_are_per_file(tmp_path, monkeypatch, shared_data):
@@ -242,7 +248,7 @@ def test_the_memory_budget_limits_each_file_and_memory_errors_are_per_file(tmp_p
                                 "memory_budget": "16MiB"}, "train": {"batch_size": 2}})
     seen = []
     real = prep._decode
-    monkeypatch.setattr(prep, "_decode", lambda case, limit=None: seen.append(limit) or real(case, limit))
+    monkeypatch.setattr(prep, "_decode", lambda case, limit=None, *rest: seen.append(limit) or real(case, limit, *rest))
     prepare(cfg, progress=False)
     assert seen and all(limit <= 16 << 20 for limit in seen)
 
@@ -267,3 +273,24 @@ def test_the_memory_budget_limits_each_file_and_memory_errors_are_per_file(tmp_p
     with pytest.raises(DataError, match=r"CT_small.dcm: out of memory while decoding or preprocessing this file "
                                         r"\(MemoryError;"):
         prepare(cfg, progress=False)
+
+
+def test_series_column_picks_one_series_of_a_folder(tmp_path):
+    from medtl.data.readers import series_key
+    from tests.data.test_dicom_series import write_series, write_slice
+
+    write_series(tmp_path / "s", [0.0, 3.0, 6.0], series_uid="1.2.3.10", SeriesNumber=2)
+    for i, z in enumerate([0.0, 5.0]):
+        write_slice(tmp_path / "s" / f"B{i}.dcm", np.zeros((4, 3)), position=(0.0, 0.0, z), series_uid="1.2.3.20",
+                    SeriesNumber=3)
+    p = _write(tmp_path, f"path,label,patient_id,series\ns,a,P1,1\ns,b,P1,{series_key('1.2.3.20')}\ns,b,P2,\n")
+    cases = read_manifest(p)  # one folder listed once per series is not a duplicate
+    assert [c.series for c in cases] == ["1", series_key("1.2.3.20"), None]
+    cfg = load_config({"data": {"path": str(p), "spatial_dims": 3, "image_size": [8, 8, 8], "on_error": "skip",
+                                "intensity": {"mode": "minmax"}}})
+    data = prepare(cfg, cases, progress=False, require_all_classes=False)
+    assert [c.case_id for c in data.cases] == ["row00002", "row00003"]
+    assert [g.shape for g in data.geometry] == [(3, 4, 3), (3, 4, 2)]  # (x, y, z): 3 and 2 slices
+    assert "the folder holds 2 series" in data.skipped[0]["reason"] and "1.2.3." not in data.skipped[0]["reason"]
+    with pytest.raises(DataError, match="already listed in row 2"):
+        read_manifest(_write(tmp_path, "path,label,patient_id,series\ns,a,P1,1\ns,b,P1,1\n"))

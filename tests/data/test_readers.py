@@ -201,9 +201,9 @@ def test_series_sorted_by_position_with_slice_spacing(tmp_path: Path) -> None:
     _series(tmp_path / "s")
     (tmp_path / "s" / "README.txt").write_text("not dicom")  # ignored
     img = read_image(tmp_path / "s")
-    assert img.array.shape == (1, 5, 6, 5) and img.array.dtype == np.float32
-    np.testing.assert_allclose(img.array[0, :, 0, 0], [0, 100, 200, 300, 400])
-    assert img.spacing == pytest.approx((2.5, 0.7, 0.6))
+    assert img.array.shape == (1, 5, 6, 5) and img.array.dtype == np.float32  # RAS: (x, y, z) = (col, row, slice)
+    np.testing.assert_allclose(img.array[0, 0, 0, :], [0, 100, 200, 300, 400])
+    assert img.spacing == pytest.approx((0.6, 0.7, 2.5))
     assert img.is_hu and img.meta["n_slices"] == 5 and img.meta["slice_order"] == "ImagePositionPatient"
 
 
@@ -211,7 +211,7 @@ def test_mixed_series_folder_is_rejected_with_counts_only(tmp_path: Path) -> Non
     uid_a, uid_b = generate_uid(), generate_uid()
     _series(tmp_path / "m", 3, series_uid=uid_a)
     _series(tmp_path / "m", 2, series_uid=uid_b, start=10)
-    with pytest.raises(UnreadableFileError, match=r"mixed series: 2 SeriesInstanceUIDs \(3 and 2 files\)") as exc:
+    with pytest.raises(UnreadableFileError, match=r"holds 2 series.*#1 key \w{8}, [32] image\(s\)") as exc:
         read_image(tmp_path / "m")
     assert uid_a not in str(exc.value) and uid_b not in str(exc.value)
     assert "own folder" in exc.value.reason
@@ -238,16 +238,16 @@ def test_nifti_axes_spacing_and_orientation(tmp_path: Path) -> None:
     data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)  # (x, y, z)
     nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.8, 2.5, 1.0])), tmp_path / "ras.nii.gz")
     img = read_image(tmp_path / "ras.nii.gz")
-    assert img.array.shape == (1, 6, 5, 4) and img.array.dtype == np.float32
-    assert img.spacing == pytest.approx((2.5, 0.8, 0.5))
-    np.testing.assert_array_equal(img.array[0], data.transpose(2, 1, 0))
+    assert img.array.shape == (1, 4, 5, 6) and img.array.dtype == np.float32  # RAS: (x, y, z)
+    assert img.spacing == pytest.approx((0.5, 0.8, 2.5))
+    np.testing.assert_array_equal(img.array[0], data)
     # x axis stored right-to-left (LAS): reoriented to RAS, so x is flipped
     nib.save(nib.Nifti1Image(data, np.diag([-0.5, 0.8, 2.5, 1.0])), tmp_path / "las.nii")
     las = read_image(tmp_path / "las.nii")
-    np.testing.assert_array_equal(las.array[0], data[::-1].transpose(2, 1, 0))
+    np.testing.assert_array_equal(las.array[0], data[::-1])
     nib.save(nib.Nifti1Image(data[:, :, :1], np.diag([0.5, 0.8, 2.5, 1.0])), tmp_path / "flat.nii")
     flat = read_image(tmp_path / "flat.nii")
-    assert flat.array.shape == (1, 5, 4) and flat.spacing == pytest.approx((0.8, 0.5))
+    assert flat.array.shape == (1, 4, 5) and flat.spacing == pytest.approx((0.5, 0.8))
 
 
 def test_nifti_failures(tmp_path: Path) -> None:
@@ -314,9 +314,9 @@ def test_lossless_codecs_and_colour_match_references(shared_data: Path) -> None:
 def test_real_nifti_samples(shared_data: Path) -> None:
     d = shared_data / "nifti-samples"
     anat = read_image(d / "anatomical.nii")
-    assert anat.array.shape == (1, 25, 41, 33) and anat.spacing == pytest.approx((2.0, 2.0, 2.0))
+    assert anat.array.shape == (1, 33, 41, 25) and anat.spacing == pytest.approx((2.0, 2.0, 2.0))
     std = read_image(d / "standard.nii.gz")
-    assert std.array.shape == (1, 7, 5, 4) and std.spacing == pytest.approx((2.0, 3.0, 1.0))
+    assert std.array.shape == (1, 4, 5, 7) and std.spacing == pytest.approx((1.0, 3.0, 2.0))  # RAS (x, y, z)
     for name in ("example4d.nii.gz", "functional.nii"):
         with pytest.raises(UnreadableFileError, match="4D volume"):
             read_image(d / name)
@@ -345,7 +345,7 @@ def test_series_from_real_slices(tmp_path: Path, shared_data: Path) -> None:
         ds.save_as(tmp_path / f"{i}.dcm")
     shutil.copy(shared_data / "dicom-samples" / "test-SR.dcm", tmp_path / "report.dcm")  # skipped
     img = read_image(tmp_path)
-    assert img.array.shape == (1, 3, 128, 128) and img.spacing[0] == pytest.approx(3.0)
+    assert img.array.shape == (1, 128, 128, 3) and img.spacing[2] == pytest.approx(3.0)  # RAS: slices last
 
 
 def test_lazy_parse_errors_get_specific_value_free_reasons() -> None:
@@ -396,13 +396,14 @@ def test_fast_path_is_bit_identical_to_pydicom(shared_data: Path) -> None:
     samples = [shared_data / "dicom-samples" / n for n in ("CT_small.dcm", "MR_small.dcm", "693_J2KI.dcm")]
     for path in ct[:: 20] + samples:
         ref = _pydicom_reference(path)
+        ref = ref[::-1, ::-1].T  # these slices are axial (IOP [1, 0, 0, 0, 1, 0]): (row, col) LPS -> (x, y) RAS
         arr = read_image(path).array
         assert arr.dtype == np.float32 and arr.shape == (1, *ref.shape), path.name
         np.testing.assert_array_equal(arr[0], ref, err_msg=path.name)
         if path in ct:  # the benchmark's "raw" formula (float32 arithmetic) agrees too
             ds = pydicom.dcmread(path)
             raw32 = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-            np.testing.assert_array_equal(arr[0], raw32, err_msg=path.name)
+            np.testing.assert_array_equal(arr[0], raw32[::-1, ::-1].T, err_msg=path.name)
 
 
 def test_non_integral_rescale_keeps_float64_precision(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def test_4d_and_5d_nifti_where_3d_is_expected(tmp_path: Path) -> None:
     assert _reason(tmp_path / "f.nii.gz").startswith("5D volume")
     # a trailing singleton time axis is just a 3D volume
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 1), np.float32), np.eye(4)), tmp_path / "s.nii.gz")
-    assert read_image(tmp_path / "s.nii.gz").array.shape == (1, 3, 4, 4)
+    assert read_image(tmp_path / "s.nii.gz").array.shape == (1, 4, 4, 3)  # RAS (x, y, z)
 
 
 # --------------------------------------------------------------------------- DICOM series folders
@@ -108,7 +108,7 @@ def _series(folder: Path, z: list[float], orientations: list[tuple] | None = Non
 
 def test_even_series_loads(tmp_path: Path) -> None:
     img = read_image(_series(tmp_path / "ok", [0.0, 2.5, 5.0, 7.5, 10.001]))
-    assert img.array.shape == (1, 5, 6, 6) and img.spacing[0] == pytest.approx(2.5)
+    assert img.array.shape == (1, 6, 6, 5) and img.spacing[2] == pytest.approx(2.5, abs=1e-3)  # RAS: slices last
 
 
 def test_series_with_missing_slices(tmp_path: Path) -> None:
@@ -124,7 +124,8 @@ def test_series_with_inconsistent_spacing(tmp_path: Path) -> None:
 def test_series_with_mixed_orientations(tmp_path: Path) -> None:
     axial, coronal = (1, 0, 0, 0, 1, 0), (1, 0, 0, 0, 0, -1)
     folder = _series(tmp_path / "mixed", [0.0, 2.5, 5.0], [axial, axial, coronal])
-    assert _reason(folder).startswith("mixed orientations: 2 different ImageOrientationPatient values (2 and 1 files)")
+    assert _reason(folder).startswith("mixed orientations in the series: 2 slices are axial (ImageOrientationPatient "
+                                      "[1, 0, 0, 0, 1, 0]) but 1 coronal ([1, 0, 0, 0, 0, -1]): IM002.dcm")
 
 
 def test_series_with_a_corrupt_member_names_the_file(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """``explain_run`` end to end on a tiny run folder (demo DICOM, two untrained fold models),
-the case gallery selection, and the NIfTI export of 3D maps."""
+and the case gallery selection (the NIfTI export of 3D maps: tests/explain/test_nifti_geometry.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ import csv
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import yaml
 
 from medtl.data.demo import demo_identifying_strings, find_identifying_strings, make_demo_dataset
-from medtl.errors import DataError
-from medtl.explain.export import save_nifti
 from medtl.workflows.explanation import explain_run, select_cases
 
 CLASSES = ["normal", "lesion"]
@@ -109,27 +106,3 @@ def test_explain_run_writes_checked_private_report(tiny_run: Path, tmp_path: Pat
     secrets = demo_identifying_strings(tiny_run.parent / "data")
     assert not find_identifying_strings(html, secrets)
     assert not find_identifying_strings(json.dumps(summary), secrets)
-
-
-def test_nifti_export_lands_in_the_scans_space(tmp_path: Path) -> None:
-    affine = np.array([[-0.8, 0, 0, 90.0], [0, 0.8, 0, -120.0], [0, 0, 2.5, -50.0], [0, 0, 0, 1]])
-    scan = nib.Nifti1Image(np.zeros((40, 30, 10), np.float32), affine)  # (x, y, z), LAS
-    nib.save(scan, tmp_path / "scan.nii.gz")
-    canonical = nib.as_closest_canonical(scan)
-    # a map on the model's (D, H, W) = (z, y, x) grid, resized to 5 x 15 x 20
-    att = np.zeros((5, 15, 20), np.float32)
-    att[2, 7, 15] = 1.0
-    out = save_nifti(att, tmp_path / "sal" / "case_gradcam.nii.gz", reference=tmp_path / "scan.nii.gz")
-    img = nib.load(out)
-    assert img.shape == canonical.shape and np.allclose(img.affine, canonical.affine)
-    peak = np.unravel_index(np.argmax(img.get_fdata()), img.shape)  # (x, y, z) voxel
-    world = img.affine @ [*peak, 1]
-    # the same voxel's centre on the model grid, mapped through the canonical scan's geometry
-    expected_vox = [(15 + 0.5) * 2 - 0.5, (7 + 0.5) * 2 - 0.5, (2 + 0.5) * 2 - 0.5]
-    assert np.allclose(world[:3], (canonical.affine @ [*expected_vox, 1])[:3], atol=2.6)
-    plain = nib.load(save_nifti(att, tmp_path / "plain.nii", spacing=(2.5, 0.8, 0.8)))
-    assert plain.shape == (20, 15, 5) and np.allclose(np.diag(plain.affine)[:3], [0.8, 0.8, 2.5])
-    with pytest.raises(DataError, match="3D map"):
-        save_nifti(att[0], tmp_path / "x.nii.gz")
-    with pytest.raises(DataError, match=".nii or .nii.gz"):
-        save_nifti(att, tmp_path / "x.png")
