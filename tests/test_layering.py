@@ -1,6 +1,6 @@
 """The one-way rule of the package's floors, and no import cycles between files.
 
-errors -> config -> ground floor (_version, _io, _runtime, _fastpath) -> data -> models -> adapt
+errors -> config -> ground floor (_version, _io, _runtime, _fastpath, _compute) -> data -> models -> adapt
 -> training -> {evaluate, explain} -> workflows -> {cli, medtl/__init__.py, __main__}.
 
 A module may import from its own package and from floors below its own; evaluate and explain
@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medtl"
 FLOORS: list[tuple[str, ...]] = [
     ("errors",),
     ("config",),
-    ("_version", "_io", "_runtime", "_fastpath"),
+    ("_version", "_io", "_runtime", "_fastpath", "_compute"),
     ("data",),
     ("models",),
     ("adapt",),

@@ -68,6 +68,7 @@ def write_report(
     localisation: Mapping[str, Mapping[str, Any]] | None = None,
     check_plots: Mapping[str, str | Path | bytes] | None = None,
     notes: Sequence[str] | None = None,
+    compute: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Path:
     """Write the saliency report as one self-contained HTML file.
 
@@ -92,6 +93,8 @@ def write_report(
         localisation: method -> pointing game / attribution-in-mask summary.
         check_plots: caption -> PNG of the trust checks (shown in the sanity section).
         notes: free-text remarks shown as a list.
+        compute: heading -> compute bill (:meth:`medtl._compute.ComputeBill.as_dict`, e.g. the run's
+            ``metrics.json["compute"]`` and this report's own), shown as one compact "Compute" table.
 
     Returns:
         The written path.
@@ -118,6 +121,7 @@ def write_report(
         "localisation": _localisation_view(localisation),
         "check_plots": [_plot_view(k, v) for k, v in (check_plots or {}).items()],
         "notes": [str(n) for n in (notes or [])],
+        "compute": _compute_view(compute),
     }
     views = [_case_view(i, c, withheld) for i, c in enumerate(cases)]
     context["groups"] = [
@@ -361,6 +365,25 @@ def _read_png(caption: object, source: str | Path | bytes) -> bytes:
 
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _compute_view(bills: Mapping[str, Mapping[str, Any] | None] | None) -> list[dict[str, Any]]:
+    """One block per bill: its stage rows (wall time, images, images/s) and a one-line total."""
+    out = []
+    for heading, bill in (bills or {}).items():
+        if not bill:
+            continue
+        rows = [(str(name), f"{float(st.get('wall_s') or 0):.1f} s", _fmt(st.get("images") or None),
+                 "—" if st.get("images_per_s") is None else f"{float(st['images_per_s']):.3g}")
+                for name, st in (bill.get("stages") or {}).items()]
+        peak = f"{int(bill.get('peak_rss_bytes') or 0) / 2**30:.2f} GiB RSS"
+        if bill.get("peak_gpu_bytes"):
+            peak += f", {int(bill['peak_gpu_bytes']) / 2**30:.2f} GiB GPU"
+        total = (f"{float(bill.get('wall_s') or 0):.1f} s on {bill.get('device_name') or bill.get('device')}; "
+                 f"peak memory {peak}; energy {float(bill.get('energy_wh') or 0):.3g} Wh")
+        out.append({"heading": str(heading), "rows": rows, "total": total,
+                    "method": str(bill.get("energy_method") or "")})
+    return out
 
 
 def _is_scalar(value: object) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from medtl._compute import ComputeBill
 from medtl.config import load_config
 from medtl.data.audit import audit_cases, write_audit
 from medtl.data.manifest import read_manifest
@@ -28,17 +29,22 @@ def audit(source: str | Path, out_dir: str | Path, *, overrides: list[str] | Non
         False
     """
     source = Path(source)
+    watts = None
     if source.suffix.lower() in (".yaml", ".yml"):
         cfg = load_config(source, overrides)
         cases = load_cases(cfg.data, cfg.resolved_data_path())
         reveal_ids = reveal_ids or cfg.privacy.reveal_ids
-        budget = cfg.data.memory_budget
+        budget, watts = cfg.data.memory_budget, cfg.train.cpu_watts_per_core
     else:
         cases = read_manifest(source, allow_duplicates=True)  # duplicates are an audit finding, not a stop
         budget = None
+    bill = ComputeBill("cpu", watts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = audit_cases(cases, pseudonymize=Pseudonymizer.for_run(out, reveal=reveal_ids), progress=progress,
-                         memory_budget=budget)
+    with bill.stage("audit"):  # every file read and checked once
+        report = audit_cases(cases, pseudonymize=Pseudonymizer.for_run(out, reveal=reveal_ids), progress=progress,
+                             memory_budget=budget)
+    bill.add_images("audit", len(cases))
+    report["compute"] = bill.as_dict()
     write_audit(report, out)
     return report

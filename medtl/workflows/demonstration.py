@@ -26,7 +26,8 @@ DEMO_SLICES_PER_PATIENT = 4
 
 def demo(out_dir: str | Path = "medtl-demo", *, overrides: list[str] | None = None, progress: bool = True,
          n_patients: int = DEMO_PATIENTS) -> dict:
-    """Run the demo into ``out_dir``; returns ``{"run_dir", "report", "metrics", "seconds"}``.
+    """Run the demo into ``out_dir``; returns ``{"run_dir", "report", "metrics", "seconds", "compute"}``
+    (``compute``: the CV run's compute bill; the report's own is in ``explain.json``).
 
     Example:
         >>> medtl.demo("medtl-demo", overrides=["train.epochs=1"])["report"]   # doctest: +SKIP
@@ -41,7 +42,8 @@ def demo(out_dir: str | Path = "medtl-demo", *, overrides: list[str] | None = No
     run = out / "run"
     metrics = cross_validate(cfg, run, progress=progress)
     report = explain_run(run, None, progress=progress)
-    return {"run_dir": str(run), "report": str(report), "metrics": metrics["pooled"], "seconds": time.time() - t0}
+    return {"run_dir": str(run), "report": str(report), "metrics": metrics["pooled"], "seconds": time.time() - t0,
+            "compute": metrics.get("compute")}
 
 
 def demo_config(manifest: Path) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from medtl._compute import ComputeBill
 from medtl._io import atomic_write_text, write_json
 from medtl._runtime import console, resolve_device, seed_everything
 from medtl.adapt.probe import (
@@ -96,11 +97,15 @@ def rank(cfg: Config, candidates: list[str], *, out_dir: str | Path | None = Non
     if baseline is not None and baseline not in {s for s, *_ in specs}:
         specs.append((baseline, *parse_candidate(baseline)))
     t0 = time.time()
-    data = data if data is not None else prepare(cfg, progress=progress)
+    bill = ComputeBill(resolve_device(cfg.train.device), cfg.train.cpu_watts_per_core)
+    if data is None:
+        with bill.stage("decode"):
+            data = prepare(cfg, progress=progress)
+        bill.add_images("decode", len(data.y))
     idx, used = _scored_cases(data)
     images, y, groups = data.images[idx], data.y[idx], data.groups[idx]
     n_splits = min(cfg.cv.n_splits, min(len(np.unique(groups[y == c])) for c in np.unique(y)))
-    rows = [_score(cfg, spec, name, pretrained, images, y, groups, max(2, n_splits), progress)
+    rows = [_score(cfg, spec, name, pretrained, images, y, groups, max(2, n_splits), progress, bill)
             for spec, name, pretrained in specs]
     base_rows = [r for r in rows if not r["pretrained"]]
     floor = max(base_rows, key=lambda r: r["logme"]) if base_rows else None
@@ -117,7 +122,7 @@ def rank(cfg: Config, candidates: list[str], *, out_dir: str | Path | None = Non
         r["rank"] = i
     _print(rows, cfg, len(idx), used)
     if out_dir is not None:
-        _write(rows, cfg, out_dir, len(idx), used, time.time() - t0)
+        _write(rows, cfg, out_dir, len(idx), used, time.time() - t0, bill.as_dict())
     return rows
 
 
@@ -130,7 +135,7 @@ def _scored_cases(data: PreparedData) -> tuple[np.ndarray, str]:
 
 
 def _score(cfg: Config, spec: str, name: str, pretrained: bool, images: np.ndarray, y: np.ndarray,
-           groups: np.ndarray, n_splits: int, progress: bool) -> dict:
+           groups: np.ndarray, n_splits: int, progress: bool, bill: ComputeBill) -> dict:
     t = time.time()
     record = resolve_record(name, pretrained=pretrained)
     seed_everything(cfg.train.seed)  # random-init candidates are reproducible
@@ -143,13 +148,20 @@ def _score(cfg: Config, spec: str, name: str, pretrained: bool, images: np.ndarr
                                                       "image_size": list(cfg.data.image_size)})
     if progress:
         console.print(f"scoring {spec} ...")
-    feats = extract_features(model, images, batch_size=cfg.train.batch_size, device=resolve_device(cfg.train.device),
-                             cache_dir=cache_dir, cache_key=key, progress=progress)
-    src = source_probabilities(model, feats) if pretrained else None
-    return {"encoder": spec, "model": name, "pretrained": pretrained, "weights": record.name,
-            "logme": logme(feats, y), "leep": leep(src, y) if src is not None else None,
-            "probe_auc": probe_auc(feats, y, groups, n_splits=n_splits, seed=cfg.cv.seed),
-            "feature_dim": int(feats.shape[1]), "seconds": round(time.time() - t, 1)}
+    tf = time.perf_counter()
+    with bill.stage("features"):
+        feats = extract_features(model, images, batch_size=cfg.train.batch_size,
+                                 device=resolve_device(cfg.train.device), cache_dir=cache_dir, cache_key=key,
+                                 progress=progress)
+    features_s = time.perf_counter() - tf
+    bill.add_images("features", len(images))
+    with bill.stage("evaluation"):
+        src = source_probabilities(model, feats) if pretrained else None
+        scores = {"logme": logme(feats, y), "leep": leep(src, y) if src is not None else None,
+                  "probe_auc": probe_auc(feats, y, groups, n_splits=n_splits, seed=cfg.cv.seed)}
+    return {"encoder": spec, "model": name, "pretrained": pretrained, "weights": record.name, **scores,
+            "feature_dim": int(feats.shape[1]), "seconds": round(time.time() - t, 1),
+            "features_images_per_s": round(len(images) / features_s, 1) if features_s > 0 else None}
 
 
 def _fmt(v, nd=3) -> str:
@@ -171,13 +183,14 @@ def _print(rows: list[dict], cfg: Config, n: int, used: str) -> None:
             console.print(f"[yellow]warning:[/] {r['warning']}", highlight=False)
 
 
-def _write(rows: list[dict], cfg: Config, out_dir: str | Path, n: int, used: str, seconds: float) -> None:
+def _write(rows: list[dict], cfg: Config, out_dir: str | Path, n: int, used: str, seconds: float,
+           compute: dict) -> None:
     run = RunDir(out_dir)
     h = run.start(cfg, resume=False)
     out = run.path
     doc = {"task": "rank", "name": cfg.name, "ranked_by": "logme", "n_cases": n, "cases_used": used,
            "image_size": list(cfg.data.image_size), "candidates": rows, "seconds": round(seconds, 1),
-           "config_hash": h}
+           "config_hash": h, "compute": compute}
     write_json(out / "rank.json", doc)
     lines = [f"# {cfg.name}: encoders ranked by LogME", "",
              f"{n} cases ({used}), image size {'x'.join(map(str, cfg.data.image_size))}, no fine-tuning.", "",
@@ -186,6 +199,9 @@ def _write(rows: list[dict], cfg: Config, out_dir: str | Path, n: int, used: str
     for r in rows:
         lines.append(f"| {r['rank']} | {r['encoder']}{' (baseline)' if r['baseline'] else ''} | {_fmt(r['logme'])} | "
                      f"{_fmt(r['leep'])} | {_fmt(r['probe_auc'])} | {r['feature_dim']} | {r['seconds']:.1f} |")
+    lines += ["", (f"Compute: {compute['wall_s']:.1f} s on {compute['device_name']}, peak memory "
+                   f"{compute['peak_rss_bytes'] / 2**30:.2f} GiB, energy {compute['energy_wh']:.3g} Wh "
+                   f"({compute['energy_method']})")]
     warnings = [r["warning"] for r in rows if r["warning"]]
     if warnings:
         lines += ["", *[f"- warning: {w}" for w in warnings]]
