@@ -38,9 +38,10 @@ from medtl.config import DomainAdaptConfig, TrainConfig
 from medtl.data.batch_augment import BatchAugment
 from medtl.data.transforms import augment_transform
 from medtl.errors import ConfigError
+from medtl.models.heads import MultiTaskHead
 from medtl.training import distributed
 
-__all__ = ["FitResult", "fit", "predict_proba", "validation_scores"]
+__all__ = ["FitResult", "MultiTaskLoss", "fit", "predict_outputs", "predict_proba", "validation_scores"]
 
 
 def validation_scores(y: np.ndarray, proba: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -74,13 +75,106 @@ class FitResult:
         best_score: that score (higher is better; ``-loss`` for ``select_metric=loss``).
         history: per-epoch dicts ``{"epoch", "train_loss", "val_loss", "val_auc", "val_acc", "lr",
             "train_seconds", "train_images_per_s"}`` (the last two time the training steps alone,
-            without validation).
+            without validation); multi-task runs add ``"tasks": {"val_loss": {task: ...}, "weight": {task: ...}}``.
+        task_weights: multi-task runs: each task's loss weight at the best epoch (learned with
+            ``train.task_weighting: uncertainty``), else ``None``.
     """
 
     model: nn.Module
     best_epoch: int
     best_score: float
     history: list[dict] = field(default_factory=list)
+    task_weights: dict[str, float] | None = None
+
+
+class MultiTaskLoss(nn.Module):
+    """The summed loss of several heads, each with its missing labels masked out.
+
+    ``forward(logits (B, n_outputs), targets (B, T))``: ``targets`` has one column per binary,
+    multiclass (class index) or regression (value in its own units) head and one per label of a
+    multilabel head, in head order; ``nan`` marks a missing label. A masked label contributes
+    nothing, its gradient included: each head's loss is the mean over its labelled entries
+    (cross-entropy; binary cross-entropy per label; squared error of the standardised value,
+    ``(y - mean) / std`` with the head's training-fold statistics), and a head with no label in
+    the batch adds 0.
+
+    ``weighting="fixed"``: ``sum_t w_t L_t`` with the heads' ``weight``. ``"uncertainty"`` (Kendall,
+    Gal & Cipolla 2018): a learned log-variance ``s_t`` per head, ``sum_t c_t exp(-s_t) L_t + s_t / 2``
+    with ``c_t = 1/2`` for regression and 1 for classification; :meth:`weights` gives ``c_t exp(-s_t)``.
+
+    Example:
+        >>> head = MultiTaskHead([HeadSpec("a", "binary", ["n", "y"]), HeadSpec("b", "regression")])  # doctest: +SKIP
+        >>> MultiTaskLoss(head)(torch.zeros(4, 3), torch.tensor([[0, 1.0], [1, float("nan")]] * 2))   # doctest: +SKIP
+    """
+
+    def __init__(self, head: MultiTaskHead, weighting: str = "fixed", *,
+                 class_weights: dict[str, torch.Tensor] | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if weighting not in ("fixed", "uncertainty"):
+            raise ConfigError(f"train.task_weighting must be fixed or uncertainty. Got {weighting!r} instead.")
+        self.head, self.weighting, self.label_smoothing = head, weighting, label_smoothing
+        self.class_weights = dict(class_weights or {})
+        self.columns, lo = [], 0
+        for h in head.heads:
+            n = h.n_outputs if h.kind == "multilabel" else 1
+            self.columns.append(slice(lo, lo + n))
+            lo += n
+        self.n_targets = lo
+        self.register_buffer("fixed", torch.tensor([h.weight for h in head.heads], dtype=torch.float32))
+        self.register_buffer("factor", torch.tensor([0.5 if h.kind == "regression" else 1.0 for h in head.heads]))
+        self.log_vars = nn.Parameter(torch.zeros(len(head.heads))) if weighting == "uncertainty" else None
+
+    def task_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(losses (H,), labelled entries (H,))``: each head's masked mean loss and how many labels it had."""
+        losses, counts = [], []
+        for h, cols in zip(self.head.heads, self.columns):
+            z, t = logits[:, self.head.slice(h.name)].float(), targets[:, cols].float()
+            m = ~torch.isnan(t)
+            t0 = torch.where(m, t, torch.zeros_like(t))
+            mf = m.float()
+            if h.kind in ("binary", "multiclass"):
+                cls = t0[:, 0].long()
+                w = self.class_weights.get(h.name)
+                per = nn.functional.cross_entropy(z, cls, weight=w, reduction="none",
+                                                  label_smoothing=self.label_smoothing)
+                den = (mf[:, 0] * (w[cls] if w is not None else 1.0)).sum()
+                loss = (per * mf[:, 0]).sum() / den.clamp_min(1e-12)
+            elif h.kind == "multilabel":
+                per = nn.functional.binary_cross_entropy_with_logits(z, t0, reduction="none")
+                loss = (per * mf).sum() / mf.sum().clamp_min(1.0)
+            else:
+                ts = torch.where(m, (t - h.mean) / h.std, torch.zeros_like(t))
+                loss = ((z - ts) ** 2 * mf).sum() / mf.sum().clamp_min(1.0)
+            losses.append(loss)
+            counts.append(mf.sum())
+        return torch.stack(losses), torch.stack(counts)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses, counts = self.task_losses(logits, targets)
+        if self.log_vars is None:
+            return (self.fixed * losses).sum()
+        s = self.log_vars
+        has = (counts > 0).float()
+        return (has * (self.factor * torch.exp(-s) * losses + 0.5 * s)).sum()
+
+    def weights(self) -> dict[str, float]:
+        """Each head's current loss weight (fixed, or ``c_t exp(-s_t)`` when learned)."""
+        w = self.fixed if self.log_vars is None else self.factor * torch.exp(-self.log_vars.detach())
+        return {h.name: float(v) for h, v in zip(self.head.heads, w.cpu())}
+
+    def deactivate(self, outputs: dict[str, np.ndarray]) -> torch.Tensor:
+        """Activated outputs (:meth:`MultiTaskHead.activate`) back to logits, for a validation loss."""
+        parts = []
+        for h in self.head.heads:
+            o = torch.as_tensor(outputs[h.name], dtype=torch.float32)
+            if h.kind in ("binary", "multiclass"):
+                parts.append(o.clamp_min(1e-8).log())
+            elif h.kind == "multilabel":
+                o = o.clamp(1e-7, 1 - 1e-7)
+                parts.append(torch.log(o) - torch.log1p(-o))
+            else:
+                parts.append((o - h.mean) / h.std)
+        return torch.cat(parts, 1)
 
 
 def _set_threads(cfg: TrainConfig) -> None:
@@ -127,14 +221,21 @@ def _augmenter(cfg: TrainConfig, image_size: tuple[int, ...]):
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: np.ndarray | Resident, *, batch_size: int = 64,
                   device: torch.device | None = None, tta: bool = False,
-                  domains: np.ndarray | None = None) -> np.ndarray:
+                  domains: np.ndarray | None = None, head: MultiTaskHead | None = None) -> np.ndarray:
     """Class probabilities ``(N, K)`` for cached images ``(N, C, *S)`` (or a :class:`Resident`).
 
     With ``tta`` the prediction is averaged with the left-right flipped image. ``domains``
     ``(N,)`` gives each image's domain index for a model with domain-specific BatchNorm
     (:func:`medtl.adapt.domain.convert_dsbn`); a model returned by :func:`fit` never needs it.
-    Probabilities stay on the device until the end: one copy to the host per call.
+    Probabilities stay on the device until the end: one copy to the host per call. A
+    multi-task model (``head``) gives its primary head's probabilities (see :func:`predict_outputs`).
     """
+    if head is not None:
+        return predict_outputs(model, images, head, batch_size=batch_size, device=device, tta=tta)[head.primary.name]
+    return _predict(model, images, lambda z: z.float().softmax(-1), batch_size, device, tta, domains)
+
+
+def _predict(model, images, activate, batch_size, device, tta, domains=None) -> np.ndarray:
     device = device or next(model.parameters()).device
     model.eval()
     out = []
@@ -142,11 +243,24 @@ def predict_proba(model: nn.Module, images: np.ndarray | Resident, *, batch_size
         lo = i * batch_size
         ctx = domain_context(model, domains[lo: lo + batch_size]) if domains is not None else contextlib.nullcontext()
         with autocast(device), ctx:
-            p = model(xb).float().softmax(-1)
+            p = activate(model(xb))
             if tta:
-                p = 0.5 * (p + model(torch.flip(xb, dims=(-1,))).float().softmax(-1))
+                p = 0.5 * (p + activate(model(torch.flip(xb, dims=(-1,)))))
         out.append(p)
     return torch.cat(out).cpu().numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def predict_outputs(model: nn.Module, images: np.ndarray | Resident, head: MultiTaskHead, *, batch_size: int = 64,
+                    device: torch.device | None = None, tta: bool = False) -> dict[str, np.ndarray]:
+    """Every head's output for cached images ``(N, C, *S)``: ``{task: (N, n)}`` class probabilities
+    (binary, multiclass), label probabilities (multilabel) or values in the target's units
+    (regression, ``(N, 1)``). With ``tta``, each is averaged with the flipped image's."""
+    def activate(z: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(head.activate(z).values()), 1)
+
+    flat = _predict(model, images, activate, batch_size, device, tta)
+    return {h.name: flat[:, head.slice(h.name)] for h in head.heads}
 
 
 def _compiled(model: nn.Module, mode: str) -> nn.Module:
@@ -168,7 +282,8 @@ def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
         cfg: TrainConfig, *, num_classes: int, description: str = "train", progress=None,
         adapt: DomainAdaptConfig | None = None, x_target: np.ndarray | None = None,
-        sites_train: Sequence[str | None] | None = None, sites_val: Sequence[str | None] | None = None) -> FitResult:
+        sites_train: Sequence[str | None] | None = None, sites_val: Sequence[str | None] | None = None,
+        head: MultiTaskHead | None = None) -> FitResult:
     """Fine-tune ``model`` and keep the weights with the best validation score.
 
     The strategy (``cfg.strategy``: which blocks train, per-block LRs, unfreezing schedule,
@@ -186,6 +301,11 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             e.g. the held-out site's images in leave-one-site-out CV). Their labels are never used.
         sites_train, sites_val: site of each training/validation image (``dsbn`` keeps one
             set of BatchNorm statistics per training site; validation uses its site's set).
+        head: a multi-task run's heads (:class:`~medtl.models.heads.MultiTaskHead`, regression
+            heads carrying the training-fold ``mean``/``std``); ``y_*`` are then float
+            ``(N, T)`` targets as :class:`MultiTaskLoss` takes them (``nan`` = missing), the loss is
+            :class:`MultiTaskLoss` (``cfg.task_weighting``) and the epoch is picked on the primary
+            head (``select_metric``; ``loss``: the summed validation loss with the fixed weights).
 
     Returns:
         :class:`FitResult`; its model is a plain encoder. With ``adabn`` its BatchNorm
@@ -204,6 +324,9 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     if distributed.is_distributed():
         device = distributed.local_device(device)
         _check_distributed(cfg, adapt)
+        if head is not None and cfg.task_weighting == "uncertainty":
+            raise ConfigError("train.task_weighting=uncertainty is not supported under torchrun (the learned "
+                              "task weights are not synchronised across ranks). Use task_weighting=fixed there.")
     strategy = make_strategy(cfg.strategy)
     model = strategy.prepare(model)
     da = DomainSetup(adapt, x_target, sites_train, sites_val, n_train=len(x_train), n_val=len(x_val))
@@ -229,7 +352,11 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         counts = np.bincount(y_train, minlength=num_classes).astype(np.float64)
         weight = torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    if head is not None:
+        criterion = _multitask_criterion(head, cfg, y_train, device)
     groups = strategy.param_groups(model, cfg.lr, cfg.weight_decay)
+    if head is not None and criterion.log_vars is not None:
+        groups.append({"params": [criterion.log_vars], "lr": cfg.lr, "weight_decay": 0.0, "name": "task_weights"})
     if objective.classifier is not None:
         groups.append({"params": list(objective.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay,
                        "name": "domain_classifier"})
@@ -250,13 +377,15 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     bt = min(bs, len(x_target)) if objective.uses_target else 0
     best = (-math.inf, 0, None)
     history = []
+    task_weights = None
     task = progress.add_task(description, total=cfg.epochs * steps) if progress is not None else None
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         objective.train()
         strategy.on_epoch_start(model, epoch)
         order = gen.permutation(len(x_train))
-        y_order = torch.as_tensor(y_train[order], dtype=torch.long).to(device, non_blocking=True)
+        y_order = torch.as_tensor(y_train[order], dtype=torch.long if head is None else torch.float32
+                                  ).to(device, non_blocking=True)
         loss_sum = torch.zeros((), device=device)
         t0 = time.perf_counter()
         for s in range(steps):
@@ -290,18 +419,26 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         train_seconds = time.perf_counter() - t0
         if task is not None:
             progress.update(task, description=f"{description} epoch {epoch}/{cfg.epochs} loss {train_loss:.3f}")
-        proba = predict_proba(eval_model, val_data, batch_size=max(bs, 64), device=device, tta=cfg.tta,
-                              domains=da.val_domains if da.method == "dsbn" else None)
-        val_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(proba).clamp_min(1e-8)),
-                                                torch.as_tensor(y_val)).item())
-        m = validation_scores(y_val, proba, num_classes)  # once per epoch: history and selection share it
+        extra = {}
+        if head is None:
+            proba = predict_proba(eval_model, val_data, batch_size=max(bs, 64), device=device, tta=cfg.tta,
+                                  domains=da.val_domains if da.method == "dsbn" else None)
+            val_loss = float(nn.functional.nll_loss(torch.log(torch.as_tensor(proba).clamp_min(1e-8)),
+                                                    torch.as_tensor(y_val)).item())
+            y_primary = y_val
+        else:
+            proba, val_loss, extra = _multitask_validation(eval_model, val_data, y_val, head, criterion,
+                                                           max(bs, 64), device, cfg.tta)
+            y_primary = y_val[:, 0].astype(np.int64)
+        m = validation_scores(y_primary, proba, num_classes)  # once per epoch: history and selection share it
         score = -val_loss if cfg.select_metric == "loss" else m[cfg.select_metric]
         score = -math.inf if math.isnan(score) else score
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_auc": m["auc"], "val_acc": m["acc"], "lr": max(g["lr"] for g in opt.param_groups),
-                        "train_seconds": train_seconds, "train_images_per_s": steps * bs / train_seconds})
+                        "train_seconds": train_seconds, "train_images_per_s": steps * bs / train_seconds, **extra})
         if score > best[0] or best[2] is None:  # an undefined score (e.g. one-class val) keeps epoch 1
             best = (score, epoch, {k: v.detach().to("cpu", copy=True) for k, v in eval_model.state_dict().items()})
+            task_weights = criterion.weights() if head is not None else None
     if task is not None:
         progress.update(task, visible=False)
     model.load_state_dict(best[2])
@@ -310,7 +447,37 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         collapse_dsbn(model, da.target_domain)
     elif da.method == "adabn":
         adabn(model, x_target, batch_size=max(bs, 64), device=device)
-    return FitResult(model=model, best_epoch=best[1], best_score=best[0], history=history)
+    return FitResult(model=model, best_epoch=best[1], best_score=best[0], history=history, task_weights=task_weights)
+
+
+def _multitask_criterion(head: MultiTaskHead, cfg: TrainConfig, y_train: np.ndarray, device) -> MultiTaskLoss:
+    """:class:`MultiTaskLoss` of ``head``; with ``class_weighted``, inverse-frequency weights per
+    classification head from its labelled training cases."""
+    weights = {}
+    if cfg.class_weighted:
+        col = 0
+        for h in head.heads:
+            if h.kind in ("binary", "multiclass"):
+                t = y_train[:, col]
+                k = h.n_outputs
+                counts = np.bincount(t[~np.isnan(t)].astype(int), minlength=k).astype(np.float64)
+                weights[h.name] = torch.tensor(counts.sum() / (k * np.maximum(counts, 1)), dtype=torch.float32,
+                                               device=device)
+            col += h.n_outputs if h.kind == "multilabel" else 1
+    return MultiTaskLoss(head, cfg.task_weighting, class_weights=weights,
+                         label_smoothing=cfg.label_smoothing).to(device)
+
+
+def _multitask_validation(model, val_data, y_val, head, criterion, batch_size, device, tta):
+    """``(primary probabilities, summed fixed-weight loss, {"tasks": {"val_loss": {task: ...}, "weight": {task: ...}}})``
+    on the validation cases (a task without a validation label has loss ``None``)."""
+    outputs = predict_outputs(model, val_data, head, batch_size=batch_size, device=device, tta=tta)
+    with torch.no_grad():
+        cpu = MultiTaskLoss(head, label_smoothing=0.0)
+        losses, counts = cpu.task_losses(criterion.deactivate(outputs), torch.as_tensor(y_val, dtype=torch.float32))
+    per_task = {"val_loss": {h.name: (float(v) if c > 0 else None) for h, v, c in zip(head.heads, losses, counts)},
+                "weight": criterion.weights()}
+    return outputs[head.primary.name], float((cpu.fixed * losses).sum()), {"tasks": per_task}
 
 
 def _check_distributed(cfg: TrainConfig, adapt: DomainAdaptConfig | None) -> None:

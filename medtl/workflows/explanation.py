@@ -11,7 +11,8 @@ it, with every method in ``explain.methods``. The report holds:
   inside the mask over EVERY correctly classified case with a mask, not just the gallery.
 
 Everything measured is also written to ``explain.json``; 3D maps of the gallery cases are
-exported as NIfTI in ``saliency/`` (in the scan's own space when it is a NIfTI file).
+exported as NIfTI in ``saliency/``, on the scan's own grid with the scan's affine (the geometry
+that travelled with the image from the reader), so they open over the scan in any viewer.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medtl._compute import ComputeBill
 from medtl._fastpath import batches, resident
 from medtl._io import write_json
 from medtl._runtime import device_name, resolve_device
@@ -47,6 +49,7 @@ from medtl.explain.sanity import (
     mask_agreement,
     randomization_check,
 )
+from medtl.models.heads import MultiTaskHead, TaskView
 from medtl.workflows.rundir import PredictionRow, RunDir
 
 __all__ = ["explain_run", "select_cases"]
@@ -117,9 +120,10 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
     cfg.data.class_names = class_names
     ex = cfg.explain
     device = resolve_device(ex.device, "explain.device")
+    bill = ComputeBill(device, cfg.train.cpu_watts_per_core)  # this report's own cost, beside the run's
     gallery = select_cases(rows, class_names, ex.n_correct, ex.n_wrong)
     all_cases = {c.case_id: c for c in load_cases(cfg.data.model_copy(update={"max_cases": None}),
-                                                  cfg.resolved_data_path())}
+                                                  cfg.resolved_data_path(), cfg.tasks)}
     localise = [r for r in rows if r["pred"] == r["label"] and all_cases.get(r["id"]) is not None
                 and all_cases[r["id"]].mask] if ex.localisation else []
     wanted = {r["id"]: r for r in [*gallery, *localise]}
@@ -127,24 +131,31 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
     if missing:
         raise MedtlError(f"{len(missing)} case(s) of the run are no longer in the data at "
                          f"'{cfg.resolved_data_path()}'. Explain needs the same data the run used.")
-    data = prepare(cfg, [all_cases[i] for i in wanted], progress=False, require_all_classes=False)
-    by_id = {c.case_id: i for i, c in enumerate(data.cases)}
-    masks = {cid: load_mask(data.cases[i], cfg.data.image_size) for cid, i in by_id.items()}
+    with bill.stage("decode"):
+        data = prepare(cfg, [all_cases[i] for i in wanted], progress=False, require_all_classes=False)
+        by_id = {c.case_id: i for i, c in enumerate(data.cases)}
+        masks = {cid: load_mask(data.cases[i], cfg.data.image_size, cfg.data.orientation) for cid, i in by_id.items()}
+    bill.add_images("decode", len(data.cases))
+    bill.begin("explanation")  # maps, sanity checks and faithfulness of every fold
     gallery_ids = {r["id"] for r in gallery}
 
     maps: dict[str, dict[str, np.ndarray]] = {}      # case id -> method -> map
     deltas: dict[str, float] = {}
     randomization: dict[str, list[dict]] = {m: [] for m in ex.methods}
     curves: dict[str, list[dict]] = {m: [] for m in ex.methods}
-    record_name, cam_layer = "", ""
+    record_name, cam_layer, task_explained = "", "", {}
     checked: list[tuple[str, object, dict]] = []
     for key, fold_rows in _track(_by_model(wanted.values()), "Explaining folds", progress):
         model, meta = run.load_model(key, trust_unverified=trust_unverified)
         model = model.to(device)
+        head = MultiTaskHead.from_dict(meta["tasks"]) if meta.get("tasks") else None
+        full = model
+        if head is not None:  # multi-task: the maps, checks and curves explain the primary head
+            model = TaskView(full, head, head.primary.name)
         checked.append((key, None, meta))
         record_name = model.weights_record.name
         ids = [r["id"] for r in fold_rows]
-        x = torch.from_numpy(data.images[[by_id[i] for i in ids]])
+        x = torch.from_numpy(np.asarray(data.images[[by_id[i] for i in ids]]))  # read when cached on disk
         target = torch.tensor([class_names.index(r["pred"]) for r in fold_rows])
         g = [j for j, i in enumerate(ids) if i in gallery_ids]
         layer, name, grid = gradcam_layer(model, x, ex.gradcam_stride)
@@ -164,7 +175,16 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
             if ex.faithfulness_steps:
                 curves[method] += deletion_insertion(model, xg.to(device), mg, tg,
                                                      n_steps=ex.faithfulness_steps)
+        if head is not None and g:  # every other head, one at a time, on the gallery cases
+            method = ex.methods[0]
+            kw = {**_kwargs(method, ex), **({"layer": layer} if "gradcam" in method else {})}
+            for name, m in _task_maps(full, head, x[g], method, ex, [ids[j] for j in g], kw, device).items():
+                for jj, j in enumerate(g):
+                    maps[ids[j]][f"{method} · {name}"] = m[jj]
+            task_explained = {h.name: {"method": method, "target": _TASK_TARGET[h.kind]} for h in head.heads[1:]}
+        bill.add_images("explanation", len(ids))
         del model
+    bill.end("explanation")
 
     if "ig" in ex.methods:
         _warn_ig(deltas, ex)
@@ -202,14 +222,52 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overr
     summary = {"methods": list(ex.methods), "device": device_name(device), "seconds": seconds,
                "gradcam_layer": cam_layer, "pointing_tolerance_px": tol,
                "gallery": [r["id"] for r in gallery], "localisation": local, "randomization": sanity,
-               "faithfulness": faith, "ig_delta": deltas, **RunDir.trust_record(checked, trust_unverified)}
+               "faithfulness": faith, "ig_delta": deltas, **RunDir.trust_record(checked, trust_unverified),
+               **({"tasks": task_explained} if task_explained else {}),
+               "compute": bill.as_dict()}
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "explain.json", summary)
     return write_report(
         out / "report.html", title=f"medtl report: {cfg.name}", run_info=run_info,
-        metrics={k: metrics[k] for k in _REPORT_METRICS if k in metrics}, plots=plots, cases=items,
+        metrics={**{k: metrics[k] for k in _REPORT_METRICS if k in metrics}, **_task_sections(metrics)},
+        plots=plots, cases=items,
         randomization=sanity, faithfulness=faith, localisation=local, check_plots=check_plots,
-        notes=notes(metrics, local, deltas))
+        notes=notes(metrics, local, deltas),
+        compute={f"the run ({metrics.get('task', 'cv')})": run_metrics.compute,
+                 "this report (explain)": summary["compute"]})
+
+
+def _task_sections(metrics: dict) -> dict[str, dict]:
+    """Multi-task runs: one report table per non-primary task (``task_<name>``): its metrics with CIs
+    (multilabel: ``auc_<label>`` per label and ``macro_auc``) and how many cases had its label."""
+    out = {}
+    for name, e in (metrics.get("tasks") or {}).items():
+        m = e.get("metrics")
+        if not isinstance(m, dict):
+            continue
+        body = {k: v for k, v in m.items() if k != "auc_per_label"}
+        body.update({f"auc_{lab}": v for lab, v in (m.get("auc_per_label") or {}).items()})
+        out[f"task_{name}"] = {"kind": e["kind"], **body}
+    return out
+
+
+_TASK_TARGET = {"binary": "the predicted class", "multiclass": "the predicted class",
+                "multilabel": "the most probable label", "regression": "the predicted value"}
+
+
+def _task_maps(model, head: MultiTaskHead, x: torch.Tensor, method: str, ex, ids: list[str], kw: dict,
+               device) -> dict[str, np.ndarray]:
+    """``{task: (n, *S)}`` maps of each non-primary head of a multi-task model: of the predicted
+    class (binary, multiclass), the most probable label (multilabel) or the predicted value (regression)."""
+    out = {}
+    x_dev = resident(x, device)
+    for h in head.heads[1:]:
+        view = TaskView(model, head, h.name).eval()
+        with torch.no_grad():
+            z = torch.cat([view(xb).float() for xb in batches(x_dev, ex.batch_size, device)]).cpu()
+        target = torch.zeros(len(x), dtype=torch.long) if h.kind == "regression" else z.argmax(1)
+        out[h.name] = _batched(view, x_dev, target, method, ex, {}, ids, kw)
+    return out
 
 
 def _batched(model, x, target, method, ex, deltas: dict, ids: list[str], kw: dict) -> np.ndarray:
@@ -252,18 +310,18 @@ def _case_item(r: dict, data, i: int, maps: dict, mask, agreement, delta, out: P
     image = data.images[i, 0]
     title = f"{r['id']}: label {r['label']}, predicted {r['pred']} ({r['confidence']:.2f})"
     extra = []
+    geometry = data.geometry[i] if i < len(data.geometry) else None
+    axcodes = None if geometry is None else geometry.axcodes  # radiological display; None: as stored
     if image.ndim == 3:
         for method, m in maps.items():
             extra.append((f"{method}: three planes + MIP", montage_png(image, m, title=f"{r['id']} {method}",
-                                                                      mask=mask)))
-            if export:  # in the scan's space when it is a plainly resized NIfTI volume
-                path = str(data.cases[i].path or "")
-                ref = path if spacing is None and path.endswith((".nii", ".nii.gz")) else None
-                save_nifti(m, out / "saliency" / f"{r['id']}_{method}.nii.gz", reference=ref,
-                           spacing=None if ref else spacing)
+                                                                      mask=mask, axcodes=axcodes)))
+            if export:  # on the scan's grid with its affine; a plain grid for arrays without geometry
+                save_nifti(m, out / "saliency" / f"{r['id']}_{method}.nii.gz", geometry=geometry,
+                           spacing=None if geometry is not None else spacing)
     return {"case_id": r["id"], "label": r["label"], "pred": r["pred"], "prob": r["confidence"],
             "correct": r["correct"], "fold": r["fold"], "group": r["group"],
-            "panel_png": panel_png(image, maps, title=title, mask=mask), "extra_pngs": extra,
+            "panel_png": panel_png(image, maps, title=title, mask=mask, axcodes=axcodes), "extra_pngs": extra,
             "ig_delta": delta, "mask_agreement": agreement}
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtl._compute import ComputeBill
 from medtl._io import write_json
 from medtl._runtime import console, resolve_device
 from medtl.config import load_config
@@ -29,8 +30,9 @@ from medtl.data.manifest import Case
 from medtl.data.prepare import prepare
 from medtl.errors import DataError
 from medtl.evaluate.calibration import TemperatureScaler
-from medtl.training.loop import predict_proba
-from medtl.workflows._folds import bootstrap_metrics, prediction_rows, print_summary
+from medtl.models.heads import MultiTaskHead
+from medtl.training.loop import predict_outputs, predict_proba
+from medtl.workflows._folds import bootstrap_metrics, prediction_rows, print_summary, task_output_columns
 from medtl.workflows.rundir import RunDir
 
 __all__ = ["predict"]
@@ -94,6 +96,8 @@ def predict(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | None
     t0 = time.time()
     run = RunDir(run_dir)
     cfg = run.read_config()
+    device = resolve_device(cfg.train.device)
+    bill = ComputeBill(device, cfg.train.cpu_watts_per_core)
     models = run.load_models(trust_unverified=trust_unverified)
     trust = run.trust_record(models, trust_unverified)
     names = models[0][2]["class_names"]
@@ -104,15 +108,28 @@ def predict(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | None
     raw["data"].update({"path": str(data_path), "class_names": names, "on_error": "skip", "max_cases": None})
     if labelled:
         raw["data"]["format"] = "manifest"
+    if cfg.tasks:  # multi-task run: every head is predicted; a labelled CSV needs the primary label only
+        raw["data"]["label_column"] = cfg.tasks[0].column
+        raw["data"]["labels"] = None if labelled else raw["data"]["labels"]
+        raw["tasks"], raw["train"]["task_weighting"] = None, "fixed"
     pcfg = load_config(raw, overrides)
     cases = None if labelled else [Case(c.case_id, c.path, names[0], c.patient_id)
                                    for c in _scan_cases(data_path, reveal_ids=reveal)]
-    prep = prepare(pcfg, cases, progress=progress, require_all_classes=False)
-    device = resolve_device(cfg.train.device)
+    with bill.stage("decode"):
+        prep = prepare(pcfg, cases, progress=progress, require_all_classes=False)
+    bill.add_images("decode", len(prep.y))
     use_tta = cfg.train.tta if tta is None else tta
-    probs, thresholds = [], []
+    probs, thresholds, task_outs = [], [], []
     for key, model, meta in models:
-        p = predict_proba(model, prep.images, device=device, tta=use_tta)
+        head = MultiTaskHead.from_dict(meta["tasks"]) if meta.get("tasks") else None
+        with bill.stage("prediction"):
+            if head is None:
+                p = predict_proba(model, prep.images, device=device, tta=use_tta)
+            else:
+                outs = predict_outputs(model, prep.images, head, device=device, tta=use_tta)
+                p = outs[head.primary.name]
+                task_outs.append((head, outs))
+        bill.add_images("prediction", len(prep.y))
         if meta.get("temperature"):
             ts = TemperatureScaler()
             ts.temperature_ = float(meta["temperature"])
@@ -127,8 +144,13 @@ def predict(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | None
     out.write_skipped(prep.skipped, reveal_ids=reveal)
     idx = np.arange(len(prep.y))
     # unlabelled scans: the label column stays empty (prepare() gave them a placeholder class)
-    out.write_predictions(prediction_rows(prep, idx, proba, [["ensemble"]] * len(idx), pseudo, threshold,
-                                          labelled=labelled), names)
+    rows = prediction_rows(prep, idx, proba, [["ensemble"]] * len(idx), pseudo, threshold, labelled=labelled)
+    if task_outs:  # every other head's outputs, averaged over the models, after the primary's columns
+        for h in task_outs[0][0].heads[1:]:
+            mean = np.mean([o[h.name] for _, o in task_outs], axis=0)
+            for r, o in zip(rows, mean):
+                r.extra.update(task_output_columns(h.name, h.kind, h.class_names, o))
+    out.write_predictions(rows, names)
     id_map = None
     if write_id_map:
         root = data_path.parent if labelled or data_path.is_file() else data_path
@@ -141,16 +163,18 @@ def predict(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | None
                       "pass --write-id-map to write a new one)", markup=False, highlight=False)
     metrics = None
     if labelled and len(set(prep.y.tolist())) > 1:
-        metrics, binfo = bootstrap_metrics(cfg, prep.y, proba, prep.groups, threshold)
+        with bill.stage("evaluation"):
+            metrics, binfo = bootstrap_metrics(cfg, prep.y, proba, prep.groups, threshold)
         out.write_metrics({"task": "predict", "run": run.path.name, "test": metrics, "bootstrap": binfo,
                            "threshold": threshold, "n_models": len(models), "n_cases": int(len(idx)),
-                           "class_names": names, **trust, "seconds": round(time.time() - t0, 1)})
+                           "class_names": names, **trust, "seconds": round(time.time() - t0, 1),
+                           "compute": bill.as_dict()})
         print_summary(f"ensemble of {len(models)} model(s) on {len(idx)} labelled case(s)", metrics)
     record = {"task": "predict", "run": run.path.name, "models": [k for k, _, _ in models],
               "n_models": len(models), "n_cases": int(len(idx)), "n_skipped": len(prep.skipped),
               "labelled": labelled, "threshold": threshold, "tta": bool(use_tta), "class_names": names,
               "case_ids": "paths (privacy.reveal_ids)" if reveal and not labelled else "pseudonymous",
-              "id_map": id_map, **trust, "seconds": round(time.time() - t0, 1)}
+              "id_map": id_map, **trust, "seconds": round(time.time() - t0, 1), "compute": bill.as_dict()}
     write_json(out / "predict.json", record)
     return {"n_cases": int(len(idx)), "n_models": len(models), "n_skipped": len(prep.skipped), "metrics": metrics,
             "threshold": threshold, "out_dir": str(out.path), "id_map": id_map, **trust}

@@ -37,12 +37,15 @@ from medtl.adapt.probe import LinearProbe as _Probe
 from medtl.adapt.probe import default_cache_dir, extract_features, feature_cache_key
 from medtl.config import Config
 from medtl.data.prepare import PreparedData
+from medtl.data.tasks import target_matrix
 from medtl.evaluate.schemes import grid_points, with_point
 from medtl.evaluate.splits import outer_splits
+from medtl.models.heads import MultiTaskHead
 from medtl.training.checkpoint import ModelSpec, save_checkpoint
-from medtl.training.loop import fit, predict_proba, validation_scores
+from medtl.training.loop import fit, predict_outputs, predict_proba, validation_scores
 
-__all__ = ["FineTune", "FoldFit", "FoldTrainer", "LinearProbe", "NestedSelection", "make_model", "make_trainer"]
+__all__ = ["FineTune", "FoldFit", "FoldTrainer", "LinearProbe", "NestedSelection", "fold_head", "make_model",
+           "make_trainer", "n_outputs", "recalibrate_regression"]
 
 
 @dataclass
@@ -55,7 +58,9 @@ class FoldFit:
             never trained on them (threshold, temperature and nested-CV scores use these).
         save: ``(folder, meta) -> None`` writes the checkpoint, or ``None`` when there is none.
         info: what the trainer chose (``best_epoch``, ``history``, ``C``, ...), kept in the fold record.
-        meta: extra checkpoint metadata (e.g. the strategy).
+        meta: extra checkpoint metadata (e.g. the strategy; multi-task runs: ``tasks``, the heads).
+        predict_tasks: multi-task runs: case indices -> ``{task: (n, k)}`` every head's outputs
+            (:func:`medtl.training.loop.predict_outputs`); ``None`` for a single task.
     """
 
     predict: Callable[[np.ndarray], np.ndarray]
@@ -63,6 +68,7 @@ class FoldFit:
     save: Callable[[Path, dict], None] | None
     info: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    predict_tasks: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
 
 
 class FoldTrainer(Protocol):
@@ -78,6 +84,24 @@ def make_model(cfg: Config, n_classes: int):
                                                        weights_path=cfg.model.weights_path)
 
 
+def n_outputs(data: PreparedData) -> int:
+    """Outputs of the run's network: the classes, or every head's outputs of a multi-task run."""
+    return MultiTaskHead.from_targets(data.tasks).n_outputs if data.tasks else len(data.class_names)
+
+
+def fold_head(data: PreparedData, trn: np.ndarray) -> MultiTaskHead:
+    """The multi-task heads of a fold: regression targets standardised with the fold's training
+    cases (``trn``, labelled ones; std 1 when fewer than two or constant)."""
+    stats = {}
+    for t in data.tasks:
+        if t.kind == "regression":
+            v = t.values[trn]
+            v = v[~np.isnan(v)]
+            sd = float(v.std()) if len(v) > 1 else 0.0
+            stats[t.name] = (float(v.mean()) if len(v) else 0.0, sd if sd > 0 else 1.0)
+    return MultiTaskHead.from_targets(data.tasks).with_stats(stats)
+
+
 class FineTune:
     """Fine-tune the configured encoder on the fold (``train.strategy`` and ``adapt`` apply)."""
 
@@ -85,6 +109,8 @@ class FineTune:
 
     def fit(self, cfg: Config, data: PreparedData, trn: np.ndarray, val: np.ndarray, seeds: FoldSeeds, *,
             description: str, bar) -> FoldFit:
+        if data.tasks:
+            return self._fit_tasks(cfg, data, trn, val, seeds, description=description, bar=bar)
         seed_everything(seeds.int("init"))  # the new head's initialisation
         model = make_model(cfg, len(data.class_names))
         tcfg = cfg.train.model_copy(update={"seed": seeds.int("fit")})  # augmentation and batch order
@@ -99,6 +125,66 @@ class FineTune:
         return FoldFit(predict=predict, predict_val=lambda: predict(val),
                        save=lambda folder, meta: save_checkpoint(res.model, folder, meta),
                        info={"best_epoch": res.best_epoch, "history": res.history})
+
+    def _fit_tasks(self, cfg: Config, data: PreparedData, trn: np.ndarray, val: np.ndarray, seeds: FoldSeeds, *,
+                   description: str, bar) -> FoldFit:
+        """One encoder, one head per task (:class:`~medtl.models.heads.MultiTaskHead`), missing labels masked."""
+        head = fold_head(data, trn)
+        seed_everything(seeds.int("init"))
+        model = make_model(cfg, head.n_outputs)
+        tcfg = cfg.train.model_copy(update={"seed": seeds.int("fit")})
+        res = fit(model, data.images[trn], target_matrix(data.tasks, trn), data.images[val],
+                  target_matrix(data.tasks, val), tcfg, num_classes=len(data.class_names), description=description,
+                  progress=bar, head=head)
+        device = resolve_device(cfg.train.device)
+        train_stats = {h.name: [h.mean, h.std] for h in head.heads if h.kind == "regression"}
+        head, recal = recalibrate_regression(head, predict_outputs(res.model, data.images[val], head, device=device,
+                                                                   tta=cfg.train.tta), data, val)
+        cache: dict[bytes, dict] = {}
+
+        def outputs(idx: np.ndarray) -> dict[str, np.ndarray]:
+            key = np.asarray(idx).tobytes()
+            if key not in cache:  # the test cases are asked for twice (primary, then every head)
+                cache[key] = predict_outputs(res.model, data.images[idx], head, device=device, tta=cfg.train.tta)
+            return cache[key]
+
+        return FoldFit(predict=lambda idx: outputs(idx)[head.primary.name],
+                       predict_val=lambda: outputs(val)[head.primary.name],
+                       save=lambda folder, meta: save_checkpoint(res.model, folder, meta),
+                       info={"best_epoch": res.best_epoch, "history": res.history, "task_weights": res.task_weights,
+                             "task_stats": train_stats,
+                             "task_recalibration": recal},
+                       meta={"tasks": head.to_dict(), "task_weighting": cfg.train.task_weighting},
+                       predict_tasks=outputs)
+
+
+def recalibrate_regression(head: MultiTaskHead, val_outputs: dict[str, np.ndarray], data: PreparedData,
+                           val: np.ndarray) -> tuple[MultiTaskHead, dict]:
+    """Each regression head shrunk towards the training-fold mean, by a factor fitted on the fold's
+    validation cases (never its test cases), as temperature scaling is for probabilities:
+    ``value' = mean + b * (value - mean)``, ``b`` the least-squares slope through the training mean on
+    the labelled validation cases, held to [0, 1]. ``b = 1`` keeps the head; ``b = 0`` predicts the
+    training-fold mean (the baseline), which a head without signal cannot do worse than by much.
+    Folded into the head (``std' = b * std``), so the checkpoint predicts the shrunk value. Needs
+    5 labelled validation cases; with fewer the head is kept.
+
+    Returns ``(head, {task: {"b", "n_val"}})``."""
+    stats, info = {}, {}
+    for t in data.tasks:
+        if t.kind != "regression":
+            continue
+        h = head[t.name]
+        y, v = t.values[val], np.asarray(val_outputs[t.name], dtype=np.float64)[:, 0]
+        lab = ~np.isnan(y)
+        if lab.sum() < 5:
+            info[t.name] = {"b": 1.0, "n_val": int(lab.sum())}
+            continue
+        dv, dy = v[lab] - h.mean, y[lab] - h.mean
+        ss = float(dv @ dv)
+        b = float(np.clip((dv @ dy) / ss, 0.0, 1.0)) if ss > 0 else 0.0
+        stats[t.name] = (h.mean, b * h.std)
+        info[t.name] = {"b": b, "n_val": int(lab.sum())}
+    return head.with_stats(stats), info
 
 
 class LinearProbe:
