@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from medtl.adapt.probe import LinearProbe, default_cache_dir, extract_features, feature_cache_key, source_probabilities
+from medtl.adapt.prototype import PrototypeClassifier
 from medtl.adapt.transferability import leep, logme, probe_auc
 from medtl.adapt.domain import (DomainClassifier, adabn, adaptation_inputs, collapse_dsbn, convert_dsbn, coral_loss,
                                 domain_context, grad_reverse, mmd_loss)
@@ -35,6 +36,7 @@ __all__ = [
     "mmd_loss",
     "parameter_blocks",
     "LinearProbe",
+    "PrototypeClassifier",
     "default_cache_dir",
     "extract_features",
     "feature_cache_key",
