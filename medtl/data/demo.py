@@ -28,6 +28,11 @@ empty (a one-letter or six-digit value cannot be searched for without false hits
 Sites differ the way two scanners do: ``site_b`` has more noise, a sharper
 (edge-enhancing) kernel, a +8 HU calibration offset, thicker slices and a
 two-valued WindowCenter/WindowWidth; both sites hold both classes in equal measure.
+``screening_site`` makes the protocol of one site follow the clinical indication, as it
+often does: that site's lesion patients have the standard-dose work-up protocol of the site,
+its normal patients come from low-dose screening (about 1/8 of the dose, so about 2.8 times
+the noise, 50 HU, and a smooth kernel). At that site the image noise then tells the classes
+apart by itself, a shortcut a model can learn there instead of the nodule.
 PixelSpacing (0.70-0.90 mm, per patient) is that of the 512-matrix reconstruction the
 small image stands in for; it keeps any mm-based resampling downstream cheap.
 """
@@ -39,7 +44,7 @@ import json
 import re
 import shutil
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +110,8 @@ class _Patient:
 
 
 def make_demo_dataset(out_dir: str | Path, *, n_patients: int = 24, slices_per_patient: int = 4,
-                      size: int = 96, lesion_fraction: float = 0.5, seed: int = 0) -> Path:
+                      size: int = 96, lesion_fraction: float = 0.5, seed: int = 0,
+                      screening_site: str | None = None) -> Path:
     """Write the synthetic two-site chest CT demo dataset and return its manifest path.
 
     Each patient is one axial series of ``slices_per_patient`` contiguous ``(size, size)``
@@ -123,6 +129,9 @@ def make_demo_dataset(out_dir: str | Path, *, n_patients: int = 24, slices_per_p
         size: image side in pixels (32..1024).
         lesion_fraction: fraction of lesion patients; both classes need >= 2 patients.
         seed: random seed (>= 0).
+        screening_site: a site (``"site_a"`` or ``"site_b"``) whose normal patients are scanned
+            with a low-dose screening protocol (50 HU noise, smooth ``LOWDOSE`` kernel) while its
+            lesion patients keep the site's protocol; ``None``: one protocol per site.
 
     Returns:
         Path of ``out_dir/manifest.csv`` (columns ``path,label,patient_id,site,mask``;
@@ -138,10 +147,16 @@ def make_demo_dataset(out_dir: str | Path, *, n_patients: int = 24, slices_per_p
     _check_int("size", size, 32, 1024)
     _check_int("seed", seed, 0)
     n_lesion = _check_fraction(lesion_fraction, n_patients)
+    if screening_site is not None and screening_site not in DEMO_SITES:
+        raise ConfigError(f"The 'screening_site' parameter of make_demo_dataset must be one of {list(DEMO_SITES)} or "
+                          f"None. Got {screening_site!r} instead.")
     root = _prepare_out_dir(Path(out_dir))
 
     tag = f"{seed}:{n_patients}:{slices_per_patient}:{size}:{lesion_fraction!r}"
     patients = _draw_patients(n_patients, n_lesion, seed)
+    if screening_site is not None:  # same draws, so every other patient stays byte-identical
+        patients = [replace(p, site=_low_dose(p.site)) if p.site.name == screening_site and p.label == "normal"
+                    else p for p in patients]
     rows: list[dict[str, str]] = []
     uids: list[str] = []
     for p in patients:
@@ -282,6 +297,11 @@ def _draw_patients(n_patients: int, n_lesion: int, seed: int) -> list[_Patient]:
         patients.append(_Patient(number, f"pat{number:0{width}d}", site, str(labels[idx]), ids,
                                  round(float(rng.uniform(0.70, 0.90)), 4), round(float(rng.uniform(-180, -120)), 1)))
     return patients
+
+
+def _low_dose(site: _Site) -> _Site:
+    """``site`` with a low-dose screening protocol: about 1/8 of the dose (noise x sqrt(8)), a smooth kernel."""
+    return replace(site, kernel="LOWDOSE", noise_hu=50.0, noise_corr_px=0.9, blur_px=0.8, sharpen=0.0)
 
 
 def _date(rng: np.random.Generator, first_year: int, last_year: int) -> str:

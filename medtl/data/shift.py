@@ -3,11 +3,12 @@
 Di Salvo et al.'s MedMNIST-C corrupts each modality with the artefacts its devices produce;
 for ultrasound and radiographs those are gain, contrast/gamma (the device's grey-level
 mapping), speckle (multiplicative noise), Gaussian noise, blur (a wider point spread) and a
-coarser resolution. :class:`ScannerShift` holds one device's parameters and applies them in a
+coarser resolution. CT images that a site exports already windowed differ by their display
+window: ``window_low``/``window_high`` re-window an image, stretching that part of [0, 1] to [0, 1]. :class:`ScannerShift` holds one device's parameters and applies them in a
 fixed order; every random part (the noise) is drawn from ``seed`` and the image index, so a
 shift is replayable: the same images, parameters and seed give the same output.
 
-Order: resolution -> blur -> gain -> gamma -> contrast -> speckle -> noise -> clip to [0, 1].
+Order: window -> resolution -> blur -> gain -> gamma -> contrast -> speckle -> noise -> clip to [0, 1].
 
 Example:
     >>> x = np.random.default_rng(0).random((4, 1, 64, 64)).astype(np.float32)
@@ -42,6 +43,8 @@ class ScannerShift:
         noise: standard deviation of additive Gaussian noise.
         blur_sigma: Gaussian blur sigma in pixels (0 = none).
         resolution: fraction of the pixels kept before upsampling back (1 = none).
+        window_low, window_high: the part of [0, 1] stretched to [0, 1], values outside clipped
+            (0 and 1 = none): a narrower display window on images that were windowed already.
     """
 
     gain: float = 1.0
@@ -51,23 +54,31 @@ class ScannerShift:
     noise: float = 0.0
     blur_sigma: float = 0.0
     resolution: float = 1.0
+    window_low: float = 0.0
+    window_high: float = 1.0
 
     def __post_init__(self) -> None:
         for name, lo, hi, lo_open in (("gain", 0.0, None, True), ("gamma", 0.0, None, True),
                                       ("contrast", 0.0, None, True), ("speckle", 0.0, None, False),
                                       ("noise", 0.0, None, False), ("blur_sigma", 0.0, None, False),
-                                      ("resolution", 0.0, 1.0, True)):
+                                      ("resolution", 0.0, 1.0, True), ("window_low", 0.0, 1.0, False),
+                                      ("window_high", 0.0, 1.0, True)):
             v = getattr(self, name)
             bad = not isinstance(v, numbers.Real) or isinstance(v, bool) or not np.isfinite(v)
             bad = bad or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi)
             if bad:
                 rng = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
                 raise ConfigError(f"The '{name}' parameter of ScannerShift must be a float {rng}. Got {v!r} instead.")
+        if self.window_low >= self.window_high:
+            raise ConfigError(f"ScannerShift needs window_low < window_high. Got window_low={self.window_low!r} and "
+                              f"window_high={self.window_high!r}; (0, 1) leaves the window as it is.")
 
     def apply_one(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Shift one image ``(C, H, W)`` or ``(H, W)`` in [0, 1]; noise from ``rng``."""
         x = image.astype(np.float32, copy=True)
         spatial = (0,) * (x.ndim - 2) + (1, 1)  # filter the last two axes only
+        if (self.window_low, self.window_high) != (0.0, 1.0):
+            x = np.clip((x - self.window_low) / (self.window_high - self.window_low), 0.0, 1.0)
         if self.resolution < 1.0:
             small = ndimage.zoom(x, [1] * (x.ndim - 2) + [self.resolution] * 2, order=1)
             x = ndimage.zoom(small, [a / b for a, b in zip(x.shape, small.shape)], order=1)[..., :image.shape[-2],
@@ -99,11 +110,16 @@ class ScannerShift:
 
 
 #: Named devices. ``ultrasound_b``: a brighter, lower-contrast, speckled, blurrier probe;
-#: ``ultrasound_mild``: the same kind of shift at roughly half the strength.
+#: ``ultrasound_mild``: the same kind of shift at roughly half the strength; ``xray_b``: a darker,
+#: lower-contrast, noisier, blurred radiograph at half the resolution; ``ct_soft_tissue``: CT
+#: exported in a soft-tissue (mediastinal) window instead of the lung window, on images windowed
+#: with the lung preset (W 1500, L -600 HU): it keeps -160..150 HU, so the aerated lung turns black
+#: and a solid nodule mid-grey, darker than the vessels, where the lung window shows it bright.
 SCANNER_PRESETS: dict[str, ScannerShift] = {
     "ultrasound_b": ScannerShift(gain=1.4, gamma=0.6, speckle=0.35, blur_sigma=1.2),
     "ultrasound_mild": ScannerShift(gain=1.2, gamma=0.8, speckle=0.15, blur_sigma=0.6),
     "xray_b": ScannerShift(gain=0.8, gamma=1.4, contrast=0.8, noise=0.04, blur_sigma=0.8, resolution=0.5),
+    "ct_soft_tissue": ScannerShift(window_low=(-160 + 1350) / 1500, window_high=(150 + 1350) / 1500),
 }
 
 
