@@ -25,6 +25,7 @@ from medtl.workflows import (
     audit,
     compare,
     cross_validate,
+    curve,
     demo,
     explain_run,
     export,
@@ -32,6 +33,7 @@ from medtl.workflows import (
     rank,
     train,
 )
+from medtl.workflows.continual import continual
 
 __all__ = [
     "__version__",
@@ -45,8 +47,10 @@ __all__ = [
     "WeightsError",
     "audit",
     "compare",
+    "continual",
     "create_encoder",
     "cross_validate",
+    "curve",
     "demo",
     "explain_run",
     "export",

@@ -4,11 +4,13 @@
     medtl audit MANIFEST|CONFIG --out DIR       data audit (exit 0 clean, 1 findings)
     medtl train CONFIG --out DIR [--set k=v]    official split: train / val / test
     medtl cv CONFIG --out DIR [--set k=v]       patient-grouped stratified k-fold
+    medtl curve CONFIG --out DIR [--set k=v]    learning curve, patients needed, few-shot episodes
+    medtl continual CONFIG --out DIR            sites in sequence: naive, EWC, replay, joint; BWT/FWT
     medtl explain RUN_DIR [--out DIR]           Grad-CAM / IG saliency report.html
     medtl predict RUN_DIR --data PATH           fold ensemble on new scans (or a labelled manifest);
                                                 [--write-id-map] for the identifying id -> path file
     medtl export RUN_DIR --format F             onnx | torchscript | monai-bundle, checked against PyTorch
-    medtl compare RUN_A RUN_B                   paired DeLong test on the cases both runs predicted
+    medtl compare RUN_A RUN_B                   paired DeLong test on the common cases, and both compute bills
     medtl rank CONFIG --candidates A,B,C        score encoders on your data without fine-tuning
     medtl weights list | show NAME | verify NAME
 
@@ -133,6 +135,37 @@ def cv(config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/ct
 
 
 @app.command()
+def curve(config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/breastmnist_linear_probe.yaml")],
+          out: OutOpt = Path("runs/curve"), set_: SetOpt = None, quiet: QuietOpt = False,
+          resume: Annotated[bool, typer.Option(help="Reuse points finished by an earlier run in --out.")] = True
+          ) -> None:
+    """Learning curve: patient-grouped CV at several training-set sizes, a power-law fit, the patients a target
+    metric needs, and few-shot episodes (prototype vs linear probe). Settings: the config's `curve` section."""
+    from medtl.config import load_config
+    from medtl.workflows import curve as curve_workflow
+
+    cfg = load_config(config, set_)
+    curve_workflow(cfg, out, resume=resume, progress=not quiet)
+    console.print(f"wrote {out}/curve.json, curve.png, curve.html")
+
+
+@app.command()
+def continual(config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/continual_demo.yaml")],
+              out: OutOpt = Path("runs/continual"), set_: SetOpt = None, quiet: QuietOpt = False,
+              resume: Annotated[bool, typer.Option(help="Reuse stages finished by an earlier run in --out.")] = True
+              ) -> None:
+    """Learn the sites in sequence (naive fine-tuning, EWC, replay) and all at once (joint); the score matrix
+    after every stage on every site's held-out patients, backward and forward transfer with CIs. Settings: the
+    config's `continual` section."""
+    from medtl.config import load_config
+    from medtl.workflows.continual import continual as continual_workflow
+
+    cfg = load_config(config, set_)
+    continual_workflow(cfg, out, resume=resume, progress=not quiet)
+    console.print(f"wrote {out}/continual.json, continual.html")
+
+
+@app.command()
 def explain(run_dir: Annotated[Path, typer.Argument(help="A finished train or cv run directory.")],
             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write report.html "
                                                         "(default: the run directory).")] = None,
@@ -188,7 +221,7 @@ def compare(run_a: Annotated[Path, typer.Argument(help="First run directory (its
             run_b: Annotated[Path, typer.Argument(help="Second run directory, predicting the same cases.")],
             positive: Annotated[Optional[str], typer.Option(help="Positive class (default: the second class).")] = None,
             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write compare.json here.")] = None) -> None:
-    """Paired DeLong test of AUC(A) vs AUC(B) on the cases both runs predicted."""
+    """Paired DeLong test of AUC(A) vs AUC(B) on the cases both runs predicted, beside both runs' compute bills."""
     from medtl.workflows import compare as compare_workflow
     from medtl.workflows.comparison import print_comparison
 

@@ -97,6 +97,7 @@ from medtl.config._schema import (
     ModelConfig,
     PrivacyConfig,
     StrategyConfig,
+    TaskConfig,
     TrainConfig,
     WindowSpec,
     _models_in,  # noqa: F401  (tests walk the schema with it)
@@ -119,6 +120,7 @@ __all__ = [
     "ExplainConfig",
     "PrivacyConfig",
     "DomainAdaptConfig",
+    "TaskConfig",
     "load_config",
     "apply_overrides",
     "config_hash",

@@ -28,6 +28,12 @@ ThresholdRule = Literal["fixed", "youden_val", "sensitivity_val"]
 Calibration = Literal["none", "temperature"]
 ExplainMethod = Literal["gradcam", "guided_gradcam", "ig", "gradient_shap", "occlusion", "smoothgrad"]
 Tracker = Literal["none", "mlflow"]
+CurveStrategy = Literal["linear_probe", "prototype", "finetune"]
+CurveMetric = Literal["auc", "acc", "balanced_acc", "sensitivity", "specificity", "f1"]
+TaskKind = Literal["binary", "multiclass", "multilabel", "regression"]
+TaskWeighting = Literal["fixed", "uncertainty"]
+ContinualMethod = Literal["naive", "ewc", "replay", "joint"]
+ReplayPolicy = Literal["class_balanced", "reservoir"]
 
 DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
 DATA_SPLITS: tuple[str, ...] = get_args(DataSplit)
@@ -53,6 +59,12 @@ THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 EXPLAIN_METHODS: tuple[str, ...] = get_args(ExplainMethod)
 TRACKERS: tuple[str, ...] = get_args(Tracker)
+CURVE_STRATEGIES: tuple[str, ...] = get_args(CurveStrategy)
+CURVE_METRICS: tuple[str, ...] = get_args(CurveMetric)
+TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+TASK_WEIGHTINGS: tuple[str, ...] = get_args(TaskWeighting)
+CONTINUAL_METHODS: tuple[str, ...] = get_args(ContinualMethod)
+REPLAY_POLICIES: tuple[str, ...] = get_args(ReplayPolicy)
 
 #: CT window presets: ``(center, width)`` in HU, in ``WINDOW_PRESETS`` order.
 CT_WINDOWS: dict[str, tuple[float, float]] = {

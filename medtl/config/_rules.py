@@ -246,6 +246,72 @@ def _explain(cfg: Config) -> Iterator[str]:
                "no case to explain. Set explain.n_correct (or n_wrong) >= 1, or explain.localisation=true.")
 
 
+@_rule
+def _tasks(cfg: Config) -> Iterator[str]:
+    """`tasks`: distinct names; the first (primary) task is `binary` or `multiclass`; `multilabel`
+    takes `columns`, the other kinds one `column`; `class_names` only for `binary` (2) and
+    `multiclass`; a fine-tuning strategy, `adapt.method: none` and a manifest or label CSV (not
+    `medmnist`); `train.task_weighting: uncertainty` needs `tasks`.
+    """
+    tasks = cfg.tasks or []
+    if not tasks:
+        if cfg.train.task_weighting != "fixed":
+            yield (f"train.task_weighting={cfg.train.task_weighting} weighs the losses of several tasks, but the "
+                   "config has no tasks. Add a tasks list, or set train.task_weighting=fixed.")
+        return
+    names = [t.name for t in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        yield f"tasks must have distinct names. Got {names} ({', '.join(repeated)} repeated). Rename the repeats."
+    if tasks[0].kind not in ("binary", "multiclass"):
+        yield (f"The first task is the primary one (it stratifies the folds and picks the epoch), so it must be "
+               f"binary or multiclass. Got tasks[0] '{tasks[0].name}' of kind {tasks[0].kind}. Move a binary or "
+               "multiclass task first.")
+    for i, t in enumerate(tasks):
+        where = f"tasks[{i}] '{t.name}' (kind {t.kind})"
+        if t.kind == "multilabel":
+            if not t.columns or t.column is not None:
+                yield (f"{where} takes `columns` (one manifest column per label), not `column`. Got column="
+                       f"{t.column!r}, columns={t.columns!r}. Set e.g. columns: [effusion, oedema].")
+            elif len(set(t.columns)) != len(t.columns):
+                yield f"{where} names a column twice in columns={t.columns}. Give each column once."
+        elif t.column is None or t.columns is not None:
+            yield (f"{where} takes one `column`, not `columns`. Got column={t.column!r}, columns={t.columns!r}. "
+                   "Set e.g. column: Age.")
+        if t.class_names is not None:
+            if t.kind not in ("binary", "multiclass"):
+                yield f"{where}: class_names apply to binary and multiclass tasks only. Drop them."
+            elif t.kind == "binary" and len(t.class_names) != 2:
+                yield (f"{where}: a binary task has 2 class_names. Got {t.class_names}. Use kind multiclass for "
+                       "more classes.")
+            elif len(set(t.class_names)) != len(t.class_names):
+                yield f"{where}: class_names must be distinct. Got {t.class_names}."
+    first = tasks[0]
+    if cfg.data.class_names and first.class_names and list(cfg.data.class_names) != list(first.class_names):
+        yield (f"data.class_names={list(cfg.data.class_names)} and tasks[0].class_names={list(first.class_names)} "
+               "disagree; the primary task's class_names replace data.class_names. Keep one of them.")
+    if cfg.data.format == "medmnist":
+        yield ("tasks need label columns in a manifest or label CSV; data.format=medmnist has one label. Use "
+               "data.format=manifest (or folder with data.labels) with one column per task.")
+    if cfg.train.strategy.name == "linear_probe":
+        yield ("tasks train one encoder with several heads, which train.strategy.name=linear_probe (one "
+               "scikit-learn head) does not do. Pick a fine-tuning strategy (finetune, llrd, partial, ...).")
+    if cfg.adapt.method != "none":
+        yield (f"adapt.method={cfg.adapt.method} is not supported with tasks (its losses assume one "
+               "classifier). Set adapt.method=none, or drop the tasks.")
+
+
+@_rule
+def _continual(cfg: Config) -> Iterator[str]:
+    """`continual.methods` and `continual.sites` name each entry once."""
+    c = cfg.continual
+    for key, values in (("methods", c.methods), ("sites", c.sites or [])):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            yield (f"continual.{key} must name each entry once. Got {list(values)} ({', '.join(repeated)} repeated). "
+                   "Drop the repeats.")
+
+
 # -- checks after the rules: grid values (once the keys are sound), optional packages -------
 def _grid_value_problems(cfg: Config) -> Iterator[str]:
     """Every `cv.grid` value is valid for its key: the config with that value applied passes

@@ -26,7 +26,10 @@ from medtl.config._choices import (
     Calibration,
     ChannelMapping,
     CompileMode,
+    ContinualMethod,
     Conversion3D,
+    CurveMetric,
+    CurveStrategy,
     CVScheme,
     DAMethod,
     DataFormat,
@@ -36,9 +39,12 @@ from medtl.config._choices import (
     IntensityMode,
     OnError,
     ProbeHead,
+    ReplayPolicy,
     Scheduler,
     SelectMetric,
     StrategyName,
+    TaskKind,
+    TaskWeighting,
     ThresholdRule,
     Tracker,
     WeightLayout,
@@ -138,6 +144,10 @@ class DataConfig(_Strict):
     spacing: list[PositiveFloat] | None = Field(None, description=(
         "resample to this pixel size (mm, one per image_size entry) then crop/pad; null = plain resize "
         "to image_size"))
+    orientation: str = Field("RAS", description=(
+        "axis code every scan with patient geometry (DICOM, NIfTI) is flipped and transposed to, as MONAI's "
+        "`Orientation`: one letter of each pair L/R, P/A, I/S in array order (`RAS`: axis 0 to the patient's "
+        "right, 1 anterior, 2 superior). DICOM and NIfTI of the same scan then give the same array"))
     intensity: IntensityConfig = Field(default_factory=IntensityConfig,
                                        description="how raw values become [0, 1]")
     on_error: OnError = Field("raise", description=(
@@ -146,10 +156,16 @@ class DataConfig(_Strict):
     max_cases: int | None = Field(None, ge=1, description="random subset of this many cases (quick trials); "
                                   "null: all")
     memory_budget: int | str | None = Field(None, description=(
-        "how much memory medtl may use for decoded images: bytes, or a size such as `4GB` or `512MiB`. A file "
-        "whose header declares a larger image (as float32) is refused before it is decoded, and the decoded "
-        "cache, a batch and the image size must fit. null: half of the memory available when the run starts "
-        "(free RAM, or the address-space limit `ulimit -v` when lower)"))
+        "how much memory medtl may use for decoded images: bytes, or a size such as `4GB` or `512MiB`. When "
+        "the decoded images of every case fit, they are held in memory; otherwise they are cached on disk "
+        "(`data.cache_dir`, else the run's `decoded/` folder) and read a batch at a time, with the same results. "
+        "A file whose header declares a larger image (as float32) is refused before it is decoded, and a batch "
+        "must fit. null: half of the memory available when the run starts (free RAM, or the address-space "
+        "limit `ulimit -v` when lower)"))
+    cache_dir: str | None = Field(None, description=(
+        "folder for the on-disk cache of decoded images when they exceed data.memory_budget (one entry per "
+        "data and preprocessing, reused by later runs and checked by sha256); null: the run directory's "
+        "`decoded/` folder"))
 
     @field_validator("image_size")
     @classmethod
@@ -160,6 +176,16 @@ class DataConfig(_Strict):
             raise ValueError(f"image_size entries must be <= {MAX_IMAGE_SIDE} (pixels per axis); resample "
                              "larger images down, e.g. image_size: [512, 512]")
         return v
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, v: str) -> str:
+        code = str(v).strip().upper()
+        pairs = (("L", "R"), ("P", "A"), ("I", "S"))
+        if len(code) != 3 or any(sum(ch in pair for ch in code) != 1 for pair in pairs):
+            raise ValueError(f"orientation must be a 3-letter axis code with one letter from each of L/R, P/A and "
+                             f"I/S, e.g. 'RAS' (MONAI/NIfTI), 'LPS' (DICOM) or 'SPL'. Got {v!r} instead.")
+        return code
 
     @field_validator("memory_budget", mode="before")
     @classmethod
@@ -285,6 +311,9 @@ class TrainConfig(_Strict):
     device: Device = Field("auto", description=(
         "`auto`: CUDA when available; `cuda` without a GPU is an error, never a silent fallback"))
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; null: torch's default")
+    cpu_watts_per_core: float = Field(7.5, gt=0, description=(
+        "compute bill: watts drawn by one busy CPU core, for the energy estimate where the RAPL counters "
+        "cannot be read (default: TDP per core of an Intel Xeon Gold 6248, 150 W / 20 cores)"))
     seed: int = Field(0, description="seed of initialisation, augmentation and batch order")
     tta: bool = Field(True, description="average with the horizontally flipped image at prediction time")
     ema: float = Field(0.0, ge=0.0, lt=1.0, description=(
@@ -297,6 +326,9 @@ class TrainConfig(_Strict):
                                    description="random transforms, replayable from train.seed")
     strategy: StrategyConfig = Field(default_factory=StrategyConfig,
                                      description="which parts of the encoder train, and how")
+    task_weighting: TaskWeighting = Field("fixed", description=(
+        "multi-task loss: `fixed` (each task's `weight`) or `uncertainty` (Kendall et al. 2018: a learned "
+        "log-variance per task, trained with the model; the learned weights are reported)"))
 
     @field_validator("amp", "compile", mode="before")
     @classmethod
@@ -367,6 +399,106 @@ class ExplainConfig(_Strict):
     export_nifti: bool = Field(True, description="write 3D maps as NIfTI in the scan's space")
 
 
+class TaskConfig(_Strict):
+    """One named head of a multi-task run: what it predicts and from which manifest column(s).
+
+    The first task is the primary one: it must be ``binary`` or ``multiclass`` with a label on
+    every case; it stratifies the patient-grouped folds, picks the best epoch and gives the
+    headline metrics. Every other task may have missing labels (an empty cell, ``nan``, ``na``,
+    ``none`` or ``null``): they are masked out of the loss and out of that task's metrics.
+    """
+
+    name: str = Field(..., pattern=r"^[A-Za-z][A-Za-z0-9_]*$", description=(
+        "the task's name in metrics.json, predictions.csv and the report (letters, digits, _)"))
+    kind: TaskKind = Field(..., description=(
+        "`binary` or `multiclass` (softmax, cross-entropy), `multilabel` (one sigmoid per column, binary "
+        "cross-entropy), `regression` (one value, mean squared error on the training-fold standardised target)"))
+    column: str | None = Field(None, description=(
+        "binary, multiclass, regression: the manifest (or data.labels CSV) column holding the target"))
+    columns: list[str] | None = Field(None, min_length=1, description=(
+        "multilabel: one manifest column per label, each 0/1 (or false/true) or empty when unknown"))
+    class_names: list[str] | None = Field(None, min_length=2, description=(
+        "binary, multiclass: class order (index 1 is the positive class); null: the sorted labels"))
+    weight: float = Field(1.0, ge=0.0, description=(
+        "loss weight with train.task_weighting: fixed (the starting weight is 1 with uncertainty)"))
+
+
+class CurveConfig(_Strict):
+    """``medtl curve``: a learning curve, its power-law fit, and few-shot episodes.
+
+    Every outer fold's training patients are subsampled, stratified by class, to each fraction
+    in ``sizes`` (``repeats`` subsamples per size and fold; the test folds stay whole), and every
+    strategy is trained on each subsample. ``shots``: episodic N-way K-shot evaluation of the
+    prototype classifier against the linear probe on the frozen features.
+    """
+
+    sizes: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.7, 1.0], min_length=3, description=(
+        "training-set sizes as fractions (0 < f <= 1) of each outer fold's training patients, stratified by class; "
+        "at least 3 for the power-law fit"))
+    repeats: int = Field(3, ge=1, description=(
+        "subsamples per size and outer fold, each with its own seed (the full size has one subsample and runs once)"))
+    strategies: list[CurveStrategy] | None = Field(None, min_length=1, description=(
+        "`linear_probe` and `prototype` (frozen features, computed once), `finetune` (train.strategy, or plain "
+        "fine-tuning when that is linear_probe; slow on a CPU); null: the config's own strategy plus prototype"))
+    metric: CurveMetric = Field("auc", description="the metric fitted by the power law and compared in episodes")
+    target: float | None = Field(0.9, gt=0.0, le=1.0, description=(
+        "the metric value whose patients-needed is estimated (e.g. 0.9 AUC); null: no estimate"))
+    shots: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 5, 10], description=(
+        "few-shot: labelled cases per class (K) of the N-way K-shot episodes (N: every class); []: no episodes"))
+    episodes: int = Field(100, ge=2, description="few-shot: episodes per K (support and query patients disjoint)")
+
+    @field_validator("sizes")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0.0 < f <= 1.0]
+        if bad:
+            raise ValueError(f"sizes are fractions of the training patients, each in (0, 1]; got {bad}. Write e.g. "
+                             "[0.05, 0.1, 0.2, 0.4, 0.7, 1.0]")
+        if len(set(v)) < 3:
+            raise ValueError(f"sizes needs at least 3 distinct fractions for the power-law fit; got {sorted(set(v))}")
+        return v
+
+
+class ContinualConfig(_Strict):
+    """``medtl continual``: learning across sites in sequence, and what keeps it from forgetting.
+
+    Each site's patients are split once (patient-grouped, stratified, ``cv.seed``) into training
+    and held-out test patients; stage ``t`` trains on site ``t``'s training patients only (its
+    validation patients, ``cv.val_fraction`` of them, pick the epoch). ``naive``: plain sequential
+    fine-tuning; ``ewc``: plus the elastic weight consolidation penalty; ``replay``: plus a batch
+    from a bounded buffer of earlier sites' cases every step; ``joint``: one training on every
+    site's training patients at once (the upper bound). After every stage every site's held-out
+    patients are scored.
+    """
+
+    site_column: str = Field("site", description=(
+        "manifest column naming each case's site (data.format folder: the sites of data.labels.site_column)"))
+    sites: list[str] | None = Field(None, min_length=2, description=(
+        "the order the sites are learnt in (at least 2); null: every site in the data, sorted"))
+    methods: list[ContinualMethod] = Field(default_factory=lambda: ["naive", "ewc", "replay", "joint"],
+                                           min_length=1, description=(
+        "`naive` (sequential fine-tuning), `ewc`, `replay`, `joint` (all sites at once: the upper bound)"))
+    epochs_per_stage: int | None = Field(None, ge=1, description=(
+        "epochs of each stage (joint: of its one stage, over every site); null: train.epochs"))
+    test_fraction: float = Field(0.3, gt=0.0, lt=0.5, description=(
+        "share of each site's patients held out for testing (patient-grouped, stratified by class)"))
+    ewc_lambda: float = Field(1000.0, ge=0.0, description=(
+        "ewc: weight lambda of the penalty lambda/2 * sum F (theta - theta*)^2 (F: the diagonal Fisher, mean "
+        "over the earlier stage's training images)"))
+    ewc_samples: int | None = Field(256, ge=1, description=(
+        "ewc: at most this many training images of the finished stage estimate its Fisher; null: all"))
+    replay_size: int = Field(32, ge=1, description="replay: the most cases the buffer holds, over all earlier sites")
+    replay_policy: ReplayPolicy = Field("class_balanced", description=(
+        "replay: `class_balanced` (equal slots per site and class) or `reservoir` (uniform over the cases seen)"))
+    replay_batch: int | None = Field(None, ge=1, description=(
+        "replay: buffer cases appended to every training batch; null: half of train.batch_size"))
+    repeats: int = Field(1, ge=1, description=(
+        "runs of the whole sequence with different training seeds (train.seed, repeat); the splits stay fixed"))
+    site_shift: dict[str, str] = Field(default_factory=dict, description=(
+        "simulate another scanner at a site: {site: preset of medtl.data.shift (ultrasound_b, ultrasound_mild, "
+        "xray_b, ct_soft_tissue)}, applied to that site's preprocessed images, seeded by cv.seed; {}: the images as they are"))
+
+
 class PrivacyConfig(_Strict):
     """What reports and run files may show about patients."""
 
@@ -391,6 +523,15 @@ class Config(_Strict):
     adapt: DomainAdaptConfig = Field(default_factory=DomainAdaptConfig, description="domain adaptation")
     tracking: Tracker = Field("none", description=(
         "`mlflow`: log the finished run to a local MLflow store (needs pip install 'medtl[tracking]')"))
+    curve: CurveConfig = Field(default_factory=CurveConfig,
+                               description="learning curve and few-shot episodes (`medtl curve`)")
+    continual: ContinualConfig = Field(default_factory=ContinualConfig,
+                                       description="learning across sites in sequence (`medtl continual`)")
+    tasks: list[TaskConfig] | None = Field(None, min_length=1, description=(
+        "multi-task run: one encoder, one named head per task, each `{name, kind: binary | multiclass | "
+        "multilabel | regression, column (multilabel: columns), class_names, weight}`; the first is the primary "
+        "task and replaces the label column and data.class_names; empty cells are missing labels, masked out of "
+        "the loss and the metrics (docs/multitask.md); null: one task from the label column"))
 
     @model_validator(mode="after")
     def _check_rules(self, info: ValidationInfo) -> Config:
@@ -411,7 +552,8 @@ class Config(_Strict):
 
 _SECTIONS: tuple[type[BaseModel], ...] = (Config, DataConfig, LabelsConfig, IntensityConfig, WindowSpec, ModelConfig,
                                           TrainConfig, AugmentConfig, StrategyConfig, CVConfig, EvalConfig,
-                                          ExplainConfig, PrivacyConfig, DomainAdaptConfig)
+                                          ExplainConfig, PrivacyConfig, DomainAdaptConfig, TaskConfig, CurveConfig,
+                                          ContinualConfig)
 
 # Whole-config checks, run by Config's validator; medtl.config._rules registers them when the
 # package is imported (a hook, so the rules can walk the schema without an import cycle).

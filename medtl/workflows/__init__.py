@@ -8,6 +8,7 @@ module never shadows the verb of the same workflow.
 from medtl.workflows.auditing import audit
 from medtl.workflows.comparison import compare
 from medtl.workflows.crossval import cross_validate
+from medtl.workflows.curves import curve
 from medtl.workflows.demonstration import demo
 from medtl.workflows.explanation import explain_run
 from medtl.workflows.exporting import EXPORT_FORMATS, export
@@ -18,5 +19,5 @@ from medtl.workflows.rundir import FoldKey, FoldRecord, PredictionRow, RunDir, R
 from medtl.workflows.trainers import FineTune, FoldTrainer, LinearProbe, NestedSelection, make_trainer
 
 __all__ = ["EXPORT_FORMATS", "FineTune", "FoldKey", "FoldRecord", "FoldTrainer", "LinearProbe", "NestedSelection",
-           "PredictionRow", "RunDir", "RunMetrics", "audit", "compare", "cross_validate", "demo", "explain_run",
+           "PredictionRow", "RunDir", "RunMetrics", "audit", "compare", "cross_validate", "curve", "demo", "explain_run",
            "export", "make_trainer", "predict", "rank", "train"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtl._compute import ComputeBill
 from medtl._runtime import FoldSeeds, console, device_name, progress_bar, resolve_device
 from medtl.config import Config
 from medtl.data.prepare import PreparedData
@@ -29,6 +30,7 @@ from medtl.evaluate.splits import inner_split
 from medtl.evaluate.stats import mean_sd
 from medtl.workflows._folds import (
     FoldContext,
+    add_tasks,
     fit_fold,
     prediction_rows,
     print_summary,
@@ -61,8 +63,9 @@ def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, pro
         {'value': 0.79, 'ci95': [0.67, 0.88], 'n_valid': 1000}
     """
     t0 = time.time()
+    bill = ComputeBill(resolve_device(cfg.train.device), cfg.train.cpu_watts_per_core)
     # too few patients of a class for the folds is said by fold_plan, after every unreadable file is listed
-    run, h, data, progress = start(cfg, out_dir, resume=resume, progress=progress, data=data)
+    run, h, data, progress = start(cfg, out_dir, resume=resume, progress=progress, data=data, bill=bill)
     groups, names = data.groups, data.class_names
     sites = np.array([c.site for c in data.cases], dtype=object)
     plan = fold_plan(cfg, data.y, groups, sites, names)
@@ -71,9 +74,9 @@ def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, pro
     n_rep = max(f.repeat for f in plan) + 1
     oof, oof_raw = np.zeros((n_rep, n, k_cls)), np.zeros((n_rep, n, k_cls))
     fold_of = np.full((n_rep, n), "", dtype=object)
-    per_fold, history, thresholds = [], [], []
+    per_fold, history, thresholds, resumed = [], [], [], []
     with (progress_bar() if progress else nullcontext()) as bar:
-        ctx = FoldContext(cfg, data, run, h, trainer, bar)
+        ctx = FoldContext(cfg, data, run, h, trainer, bar, bill)
         for spec in plan:
             test_ids = [data.cases[i].case_id for i in spec.test]
             done = run.read_fold(spec.key, test_ids) if resume else None
@@ -82,6 +85,9 @@ def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, pro
                 run.write_fold(done)
             else:
                 console.print(f"{spec.key}: finished earlier, loaded from folds/{spec.key}.json")
+                resumed.append(spec.key)
+                if done.info.get("compute"):  # its recorded cost counts: the total stays honest after resume
+                    bill.merge(done.info["compute"], earlier=True)
             te = spec.test
             proba = np.asarray(done.proba)
             oof[spec.repeat, te], oof_raw[spec.repeat, te] = proba, np.asarray(done.proba_raw)
@@ -97,6 +103,7 @@ def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, pro
     threshold = float(np.mean(thresholds))
     calibrated = cfg.evaluate.calibration != "none"
     pooled_p, pooled_raw = oof.mean(0), oof_raw.mean(0)
+    bill.begin("evaluation")  # pooled bootstrap CIs, predictions and plots: the run's own evaluation
     scored = score(cfg, data.y, pooled_raw, groups, threshold, pooled_p if calibrated else None)
     pseudo = run.pseudonymizer(cfg.privacy.reveal_ids)
     folds_col = [[f for f in fold_of[:, i] if f] for i in range(n)]
@@ -132,6 +139,10 @@ def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, pro
     site_metrics = score_per_site(cfg, data, np.arange(n), pooled_p, threshold)
     if site_metrics:
         metrics["per_site"] = site_metrics
+    if data.tasks:  # multi-task: per-task metrics with CIs, and per-task columns in predictions.csv
+        add_tasks(cfg, data, run, [(run.read_fold_record(s.key), s.test, s.repeat) for s in plan], metrics)
+    bill.end("evaluation")
+    metrics["compute"] = {**bill.as_dict(), "resumed_folds": resumed}
     run.write_metrics(metrics)
     print_summary(f"{cfg.name}: {title}, pooled out-of-fold ({n} cases, {metrics['n_patients']} patients)",
                   scored["metrics"])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtl._compute import ComputeBill
 from medtl._runtime import FoldSeeds, device_name, progress_bar, resolve_device
 from medtl.config import Config
 from medtl.data.prepare import PreparedData
@@ -21,6 +22,7 @@ from medtl.errors import DataError
 from medtl.evaluate.metrics import compute_metrics
 from medtl.workflows._folds import (
     FoldContext,
+    add_tasks,
     fit_fold,
     prediction_rows,
     print_summary,
@@ -43,7 +45,8 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, data: Prep
         0.87
     """
     t0 = time.time()
-    run, h, data, progress = start(cfg, out_dir, resume=False, progress=progress, data=data)
+    bill = ComputeBill(resolve_device(cfg.train.device), cfg.train.cpu_watts_per_core)
+    run, h, data, progress = start(cfg, out_dir, resume=False, progress=progress, data=data, bill=bill)
     trn, val, tst = data.subset("train"), data.subset("val"), data.subset("test")
     if len(trn) == 0 or len(val) == 0 or len(tst) == 0:
         raise DataError(f"Official-split training needs train, val and test cases; found {len(trn)}/{len(val)}/"
@@ -51,11 +54,12 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, data: Prep
                         "'split' column (train/val/test); or run `medtl cv` instead.")
     trainer = LinearProbe() if cfg.train.strategy.name == "linear_probe" else FineTune()
     with (progress_bar() if progress else nullcontext()) as bar:
-        ctx = FoldContext(cfg, data, run, h, trainer, bar)
+        ctx = FoldContext(cfg, data, run, h, trainer, bar, bill)
         rec, p_val = fit_fold(ctx, "final", trn, val, tst, FoldSeeds(cfg.train.seed, 0, 0), description="train")
     thr = rec.threshold
     p_test, p_test_raw = np.asarray(rec.proba), np.asarray(rec.proba_raw)
     calibrated = p_test if rec.temperature is not None else None
+    bill.begin("evaluation")  # bootstrap CIs, predictions and plots: the run's own evaluation
     scored = score(cfg, data.y[tst], p_test_raw, data.groups[tst], thr, calibrated)
     pseudo = run.pseudonymizer(cfg.privacy.reveal_ids)
     run.write_predictions(prediction_rows(data, tst, p_test, [["test"]] * len(tst), pseudo, thr), data.class_names)
@@ -76,6 +80,10 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, data: Prep
         metrics["strategy"] = {"name": "linear_probe", "C": rec.info["C"], **trainer.feature_info_}
     if "multiclass" in scored:
         metrics["multiclass"] = scored["multiclass"]
+    if data.tasks:  # multi-task: per-task metrics with CIs, and per-task columns in predictions.csv
+        add_tasks(cfg, data, run, [(rec, tst, 0)], metrics)
+    bill.end("evaluation")
+    metrics["compute"] = bill.as_dict()
     run.write_metrics(metrics)
     run.write_fold(rec)
     print_summary(f"{cfg.name}: official test split ({len(tst)} cases)", scored["metrics"])

@@ -10,6 +10,7 @@ nothing else parses the folder. Layout::
     RUN_DIR/folds/<key>.json   one FoldRecord per finished fold (resume)
     RUN_DIR/checkpoints/<key>/ model.safetensors + meta.json (sha256, ModelSpec, preprocessing)
     RUN_DIR/skipped.json       unreadable inputs: case id and reason (paths only with privacy.reveal_ids)
+    RUN_DIR/decoded/<key>/     decoded images over data.memory_budget (medtl.data._diskcache; resume reuses them)
     RUN_DIR/.pseudonym_salt    the per-run key of the patient pseudonyms (never shared)
     PREDICT_DIR/IDENTIFYING_id_map.csv   case id -> scan path, only when asked for (``--write-id-map``)
 
@@ -94,7 +95,9 @@ class FoldRecord:
 
     ``proba`` is ``(n_test, K)`` as reported (temperature-scaled when the run calibrates),
     ``proba_raw`` the model's own; ``info`` holds what the fold trainer chose (best epoch,
-    probe ``C``, nested-CV grid point and inner scores, history).
+    probe ``C``, nested-CV grid point and inner scores, history). Multi-task runs add ``tasks``:
+    ``{task: {"outputs": (n_test, k)[, "train_mean": the training-fold mean (regression)]}}``
+    (absent from the file of a single-task run).
     """
 
     config_hash: str
@@ -107,6 +110,7 @@ class FoldRecord:
     n_train: int = 0
     n_val: int = 0
     info: dict = field(default_factory=dict)
+    tasks: dict | None = None
 
     @property
     def history(self) -> list[dict]:
@@ -134,6 +138,7 @@ class PredictionRow:
     label: str
     proba: dict[str, float]
     pred: str
+    extra: dict[str, str] = field(default_factory=dict)  # multi-task runs: the per-task columns
 
     @property
     def confidence(self) -> float:
@@ -155,6 +160,7 @@ class RunMetrics:
     n_cases: int | None
     device: str | None
     raw: dict
+    compute: dict | None = None  # the compute bill (medtl._compute.ComputeBill.as_dict), when recorded
 
     @classmethod
     def from_dict(cls, d: dict) -> RunMetrics:
@@ -162,7 +168,7 @@ class RunMetrics:
         n = d.get("n_cases", d.get("n_test"))
         return cls(task=task, name=d.get("name", ""), class_names=list(d.get("class_names") or []),
                    headline=d.get("pooled") or d.get("test") or {}, n_cases=None if n is None else int(n),
-                   device=d.get("device"), raw=d)
+                   device=d.get("device"), raw=d, compute=d.get("compute"))
 
 
 class RunDir:
@@ -258,7 +264,14 @@ class RunDir:
 
     def write_fold(self, record: FoldRecord) -> Path:
         (self.path / "folds").mkdir(parents=True, exist_ok=True)
-        return write_json(self.path / "folds" / f"{record.fold}.json", asdict(record))
+        d = asdict(record)
+        if d.get("tasks") is None:
+            d.pop("tasks", None)
+        return write_json(self.path / "folds" / f"{record.fold}.json", d)
+
+    def read_fold_record(self, key: str | FoldKey) -> FoldRecord:
+        """The fold record ``folds/<key>.json`` as written (no resume checks)."""
+        return FoldRecord.from_dict(read_json(self.path / "folds" / f"{key}.json"))
 
     def checkpoint(self, key: str | FoldKey) -> Path:
         return self.path / "checkpoints" / str(key)
@@ -276,10 +289,11 @@ class RunDir:
     def write_predictions(self, rows: list[PredictionRow], class_names: list[str]) -> Path:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["id", "patient_id", "site", "fold", "label", *[f"prob_{n}" for n in class_names], "pred"])
+        extra = list(rows[0].extra) if rows else []  # multi-task runs: <task>.<column> after pred
+        w.writerow(["id", "patient_id", "site", "fold", "label", *[f"prob_{n}" for n in class_names], "pred", *extra])
         for r in rows:
             w.writerow([r.id, r.patient_id, r.site, "|".join(r.folds), r.label,
-                        *[f"{r.proba[n]:.6f}" for n in class_names], r.pred])
+                        *[f"{r.proba[n]:.6f}" for n in class_names], r.pred, *[r.extra.get(c, "") for c in extra]])
         return atomic_write_text(self.path / self.PREDICTIONS, buf.getvalue())
 
     def pseudonymizer(self, reveal: bool = False) -> Pseudonymizer:
@@ -325,7 +339,8 @@ class RunDir:
                 rows.append(PredictionRow(
                     id=r["id"], patient_id=r.get("patient_id", ""), site=r.get("site", ""),
                     folds=[f for f in (r.get("fold") or "").split("|") if f], label=r["label"],
-                    proba={n: float(r[f"prob_{n}"]) for n in names}, pred=r["pred"]))
+                    proba={n: float(r[f"prob_{n}"]) for n in names}, pred=r["pred"],
+                    extra={c: r[c] or "" for c in cols[cols.index("pred") + 1:]}))
         return rows
 
     def read_fold(self, key: str | FoldKey, test_ids: list[str]) -> FoldRecord | None:
