@@ -14,4 +14,5 @@ if ! command -v dcm2niix >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v a
   (apt-get update -qq && apt-get install -y -qq dcm2niix >/dev/null) || echo "dcm2niix install failed; the geometry tests will say so"
 fi
 python -m pip install -q -e ".[test]"
-exec python -m pytest "$@"
+# one worker per core (pytest-xdist), a test file's tests on one worker (module fixtures built once)
+exec python -m pytest -n auto --dist loadfile "$@"

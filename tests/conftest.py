@@ -11,6 +11,14 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh runs one pytest-xdist worker per core: each worker (and any medtl it starts
+    # in a subprocess) then uses one torch thread, so workers do not fight over the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def shared_data_dir() -> Path:
     """The shared real-data folder (``MEDTL_SHARED_DATA``, default ``../shared/datasets``)."""
