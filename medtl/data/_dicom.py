@@ -15,6 +15,7 @@ becomes a reason naming the element.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import struct
@@ -22,6 +23,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,6 +34,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -59,9 +62,11 @@ __all__ = [
     "orientation_of",
     "position_of",
     "quiet",
+    "raw_key",
     "read_dataset",
     "row_col_spacing",
     "short",
+    "transfer_syntax",
 ]
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -164,13 +169,13 @@ def read_dataset(path: Path, *, stop_before_pixels: bool = False,
     if any("End of file reached" in m for m in messages):
         raise UnreadableFileError(path, "truncated file: it ends inside a data element "
                                         "(for images usually inside the Pixel Data)")
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    ts = transfer_syntax(ds)
     short = _truncated_last_element(ds)
     if short and ts == DeflatedExplicitVRLittleEndian:
         short = "corrupt or truncated deflate-compressed data set: " + short.removeprefix("truncated file: ")
     if short:
         raise UnreadableFileError(path, short)
-    if ts is not None and UID(ts).is_compressed and any(m.startswith(_VR_MISMATCH) for m in messages):
+    if ts is not None and _uid(str(ts)).is_compressed and any(m.startswith(_VR_MISMATCH) for m in messages):
         enc = "Implicit" if any(m.startswith(_VR_MISMATCH[0]) for m in messages) else "Explicit"
         raise UnreadableFileError(path, (
             f"non-conformant file: its transfer syntax {UID(ts).name} requires Explicit VR but the "
@@ -295,12 +300,12 @@ def decode_dataset(ds: Dataset, path: Path, *, max_bytes: int | None = None,
         raise UnreadableFileError(path, "truncated or empty DICOM file: no data elements after the file meta header")
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         raise UnreadableFileError(path, _no_pixel_reason(ds))
-    ts = ds.file_meta.get("TransferSyntaxUID")
+    ts = transfer_syntax(ds)
     if ts is None:
         raise UnreadableFileError(path, (
             "the file meta header has no Transfer Syntax UID (0002,0010), so the pixel encoding "
             "is unknown; re-export the file with a complete file meta header"))
-    ts = UID(ts)
+    ts = _uid(str(ts))
     required = ["Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation"]
     if "PixelData" in ds:
         required.append("PixelRepresentation")
@@ -480,6 +485,7 @@ def _functional_group(ds: Dataset, keyword: str) -> Dataset | None:
 # character set that is not ASCII-compatible, a parse failure) falls back to pydicom, so the
 # values and the errors are the same as ``_plain(ds.get(keyword))``.
 _BINARY = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+_BINARY_SIZE = {vr: struct.calcsize(fmt) for vr, fmt in _BINARY.items()}
 _DEFAULT_REPERTOIRE = ("CS", "UI", "AE", "DS", "IS")  # never affected by Specific Character Set
 _CHARSET_TEXT = ("LO", "SH")
 _ASCII_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 101", b"ISO_IR 109", b"ISO_IR 110",
@@ -505,21 +511,22 @@ def _fast_value(ds: Dataset, keyword: str) -> Any:
         tag = tag_for_keyword(keyword)
         if tag is None:
             return _MISSING
-        tag_vr = _TAG_VR[keyword] = (tag, dictionary_VR(tag))
+        tag_vr = _TAG_VR[keyword] = (Tag(tag), dictionary_VR(tag))
     tag, vr = tag_vr
-    raw = ds.get_item(tag)
+    elements = getattr(ds, "_dict", None)  # the element store: a lookup without Tag() conversion
+    raw = elements.get(tag) if isinstance(elements, dict) else ds.get_item(tag, keep_deferred=True)
     if raw is None:
         return None
-    if not isinstance(raw, RawDataElement) or raw.VR not in (None, vr):
+    if type(raw) is not RawDataElement or raw.VR not in (None, vr):
         return _MISSING
     data = raw.value
-    if data is None:
+    if data is None:  # empty, or a deferred value: pydicom reads it
         return None if raw.length == 0 else _MISSING
     if not data:
         return None
-    if vr in _BINARY:
-        fmt = _BINARY[vr]
-        n, rest = divmod(len(data), struct.calcsize(fmt))
+    fmt = _BINARY.get(vr)
+    if fmt is not None:
+        n, rest = divmod(len(data), _BINARY_SIZE[vr])
         if rest:
             return _MISSING
         values = struct.unpack(("<" if raw.is_little_endian else ">") + fmt * n, data)
@@ -528,11 +535,20 @@ def _fast_value(ds: Dataset, keyword: str) -> Any:
         return _MISSING
     if not data.isascii() or b"\x1b" in data:
         return _MISSING
-    parts = [p.strip(" \x00") for p in data.decode("ascii").split("\\")]
+    text = data.decode("ascii")
     try:
+        if "\\" not in text:  # one value: the common case
+            part = text.strip(" \x00")
+            if vr == "DS":
+                value = float(part)
+                return value if math.isfinite(value) else _MISSING
+            if vr == "IS":
+                return int(part)
+            return part or None
+        parts = [p.strip(" \x00") for p in text.split("\\")]
         if vr == "DS":
             values = [float(p) for p in parts]
-            if not all(np.isfinite(values)):
+            if not all(map(math.isfinite, values)):
                 return _MISSING
         elif vr == "IS":
             values = [int(p) for p in parts]
@@ -540,13 +556,11 @@ def _fast_value(ds: Dataset, keyword: str) -> Any:
             values = parts
     except ValueError:
         return _MISSING
-    if len(values) == 1:
-        return None if values[0] == "" else values[0]
     return values
 
 
 def _ascii_charset(ds: Dataset) -> bool:
-    raw = ds.get_item(0x00080005)
+    raw = ds.get_item(0x00080005, keep_deferred=True)
     if raw is None:
         return True
     value = raw.value
@@ -558,20 +572,92 @@ def _ascii_charset(ds: Dataset) -> bool:
     return False
 
 
+def raw_key(ds: Dataset, keywords: tuple[str, ...]) -> tuple | None:
+    """A hashable key of how the top-level elements ``keywords`` are encoded in ``ds`` (VR, bytes,
+    byte order; ``None`` for an absent one), or ``None`` when one of them is no longer in its raw
+    form (already converted, deferred): values parsed from equal keys are equal, so the slices of
+    one series share what is derived from their common header fields."""
+    elements = getattr(ds, "_dict", None)
+    if not isinstance(elements, dict):
+        return None
+    key = []
+    for keyword in keywords:
+        tag_vr = _TAG_VR.get(keyword)
+        if tag_vr is None:
+            _fast_value(ds, keyword)  # fills _TAG_VR
+            tag_vr = _TAG_VR[keyword]
+        raw = elements.get(tag_vr[0])
+        if raw is None:
+            key.append(None)
+        elif type(raw) is RawDataElement:
+            if raw.value is None and raw.length != 0:  # deferred
+                return None
+            key.append((raw.VR, raw.value, raw.is_little_endian))
+        else:  # converted by pydicom (e.g. Specific Character Set while reading): key on its value
+            value = raw.value
+            if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+                value = tuple(value)
+            try:
+                hash(value)
+            except TypeError:
+                return None
+            key.append((raw.VR, "value", value))
+    return tuple(key)
+
+
+def transfer_syntax(ds: Dataset) -> str | None:
+    """The Transfer Syntax UID of the file meta header, or ``None``."""
+    file_meta = getattr(ds, "file_meta", None)
+    elements = getattr(file_meta, "_dict", None)
+    if isinstance(elements, dict):
+        elem = elements.get(_TS_TAG)
+        value = getattr(elem, "value", None) if elem is not None else None
+        if isinstance(value, str):
+            return value
+    return file_meta.get("TransferSyntaxUID") if isinstance(file_meta, Dataset) else None
+
+
+_TS_TAG = Tag(0x00020010)
+_META_FIELDS = ("photometric", "PhotometricInterpretation"), ("rows", "Rows"), ("columns", "Columns"), \
+    ("bits_stored", "BitsStored")
+# every header field dicom_meta reads (the character set decides how LO/SH text decodes)
+_META_KEY = ("SpecificCharacterSet", "SOPClassUID", *(kw for _, kw in _META_FIELDS), *_META_KEYWORDS)
+_META_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
+@lru_cache(maxsize=256)
+def _uid(uid: str) -> UID:
+    """``UID(uid)``, kept: building one validates the string each time."""
+    return UID(uid)
+
+
+def _uid_name(uid: str) -> str:
+    return _uid(uid).name
+
+
 def dicom_meta(ds: Dataset) -> dict[str, Any]:
-    """Technical, non-identifying header fields as JSON-friendly values."""
+    """Technical, non-identifying header fields as JSON-friendly values.
+
+    Slices of one series encode these fields alike: the result is kept per encoding
+    (:func:`raw_key`) and copied, so each slice only compares raw bytes.
+    """
+    ts = transfer_syntax(ds)
+    key = raw_key(ds, _META_KEY)
+    if key is not None:
+        key = (ts, *key)
+        cached = _META_CACHE.get(key)
+        if cached is not None:
+            return {k: list(v) if isinstance(v, list) else v for k, v in cached.items()}
     meta: dict[str, Any] = {}
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None:
-        meta["transfer_syntax"] = UID(ts).name
+        meta["transfer_syntax"] = _uid_name(str(ts))
     sop = header_value(ds, "SOPClassUID")
-    if sop and UID(sop).name != str(sop):
-        meta["sop_class"] = UID(sop).name
-    for key, kw in (("photometric", "PhotometricInterpretation"), ("rows", "Rows"), ("columns", "Columns"),
-                    ("bits_stored", "BitsStored")):
+    if sop and _uid_name(str(sop)) != str(sop):
+        meta["sop_class"] = _uid_name(str(sop))
+    for name, kw in _META_FIELDS:
         value = header_value(ds, kw)
         if value is not None:
-            meta[key] = value
+            meta[name] = value
     for kw in _META_KEYWORDS:
         if kw in IDENTIFYING_TAGS:  # defensive: the list above must never leak identifiers
             continue
@@ -581,6 +667,10 @@ def dicom_meta(ds: Dataset) -> dict[str, Any]:
             value = None
         if value not in (None, "", []):
             meta[kw] = value
+    if key is not None:
+        if len(_META_CACHE) >= 64:
+            _META_CACHE.clear()
+        _META_CACHE[key] = {k: list(v) if isinstance(v, list) else v for k, v in meta.items()}
     return meta
 
 

@@ -308,25 +308,62 @@ def _dicom_instance(path: Path, ds: Any, limit: int, axcodes: str) -> ScanImage:
     n_frames = _safe_int(_dicom.header_value(ds, "NumberOfFrames"), 1)
     if n_frames > 1:
         return _dicom_multiframe(path, ds, limit, axcodes, n_frames)
-    row, col = _dicom.row_col_spacing(ds)
     meta = _dicom.dicom_meta(ds)
-    iop = _dicom.orientation_of(ds)
-    if iop is None:  # projection radiographs, secondary captures: no patient geometry
+    found = _plane_plan(ds, axcodes)
+    if found is None:  # projection radiographs, secondary captures: no patient geometry
+        grid = pixel_grid(_dicom.row_col_spacing(ds))
         pixels = _dicom.decode_dataset(ds, path, max_bytes=limit)
         meta["geometry"] = "pixel grid (no ImageOrientationPatient)"
-        return _dicom_image(ds, pixels, pixel_grid((row, col)), meta)
+        return _dicom_image(ds, pixels, grid, meta)
+    plane, spacing = found
     origin = _dicom.position_of(ds)
+    affine = plane.affine.copy()
     if origin is None:
         meta["geometry"] = "no ImagePositionPatient: origin at 0"
-        origin = np.zeros(3)
-    dirs = np.asarray(iop, float)
-    normal = np.cross(dirs[:3], dirs[3:]) * _thickness(ds)
-    raw = dicom_affine([dirs[3:] * row, dirs[:3] * col, normal], origin)  # raw axes: (row, column, normal)
-    rows, cols = _safe_int(_dicom.header_value(ds, "Rows"), 0), _safe_int(_dicom.header_value(ds, "Columns"), 0)
-    plan = Reorientation(raw, (rows, cols), axcodes)
-    pixels = _dicom.decode_dataset(ds, path, max_bytes=limit, spatial_view=plan.apply)
+    else:  # the plan's affine is that of a slice at the origin: add this slice's position (LPS -> RAS)
+        affine[0, 3] -= origin[0]
+        affine[1, 3] -= origin[1]
+        affine[2, 3] += origin[2]
+    pixels = _dicom.decode_dataset(ds, path, max_bytes=limit, spatial_view=plane.apply)
     meta["orientation"] = axcodes
-    return _dicom_image(ds, pixels, plan.affine, meta)
+    return _dicom_image(ds, pixels, affine, meta, spacing)
+
+
+# header fields the layout of a 2D slice depends on (all but its position)
+_PLANE_KEY = ("ImageOrientationPatient", "PixelSpacing", "ImagerPixelSpacing", "SliceThickness",
+              "SpacingBetweenSlices", "Rows", "Columns", "SharedFunctionalGroupsSequence",
+              "PerFrameFunctionalGroupsSequence")
+_PLANE_CACHE: dict[tuple, tuple[Reorientation, tuple[float, ...]] | None] = {}
+
+
+def _plane_plan(ds: Any, axcodes: str) -> tuple[Reorientation, tuple[float, ...]] | None:
+    """The reorientation of a 2D slice placed at the origin (``None`` without ImageOrientationPatient).
+
+    Slices of one series share orientation, pixel spacing, thickness and size, so the plan is
+    kept per encoding of those fields (:func:`medtl.data._dicom.raw_key`); only the position
+    differs per slice. Returns the plan and the spacing in array order.
+    """
+    key = _dicom.raw_key(ds, _PLANE_KEY)
+    if key is not None:
+        key = (axcodes, *key)
+        if key in _PLANE_CACHE:
+            return _PLANE_CACHE[key]
+    iop = _dicom.orientation_of(ds)
+    found = None
+    if iop is not None:
+        row, col = _dicom.row_col_spacing(ds)
+        dirs = np.asarray(iop, float)
+        normal = np.cross(dirs[:3], dirs[3:]) * _thickness(ds)
+        raw = dicom_affine([dirs[3:] * row, dirs[:3] * col, normal], np.zeros(3))  # raw axes: (row, column, normal)
+        rows, cols = _safe_int(_dicom.header_value(ds, "Rows"), 0), _safe_int(_dicom.header_value(ds, "Columns"), 0)
+        plan = Reorientation(raw, (rows, cols), axcodes)
+        plan.affine.setflags(write=False)  # shared by the slices of a series: copied per slice
+        found = plan, spacing_of(plan.affine, 2)
+    if key is not None:
+        if len(_PLANE_CACHE) >= 64:
+            _PLANE_CACHE.clear()
+        _PLANE_CACHE[key] = found
+    return found
 
 
 def _thickness(ds: Any) -> float:
@@ -394,12 +431,13 @@ def _frame_orientations_differ(ds: Any, iop: tuple[float, ...], n_frames: int) -
     return odd
 
 
-def _dicom_image(ds: Any, pixels: Any, affine: np.ndarray, meta: dict[str, Any]) -> ScanImage:
+def _dicom_image(ds: Any, pixels: Any, affine: np.ndarray, meta: dict[str, Any],
+                 spacing: tuple[float, ...] | None = None) -> ScanImage:
     array = _invert_if_monochrome1(pixels.array, pixels.photometric)
     modality = str(_dicom.header_value(ds, "Modality") or "").strip() or None
     rescale_type = str(_dicom.header_value(ds, "RescaleType") or "HU").strip().upper()
     is_hu = modality == "CT" and pixels.rescaled and rescale_type in ("HU", "")
-    spacing = spacing_of(affine, array.ndim - 1)
+    spacing = spacing_of(affine, array.ndim - 1) if spacing is None else spacing
     return ScanImage(array, spacing, modality, is_hu, meta, affine)
 
 

@@ -67,7 +67,7 @@ def test_auto_baseline_and_official_test_split_held_out(tmp_path, monkeypatch):
 def test_negative_transfer_warning_when_a_pretrained_encoder_scores_below_random_init(tmp_path, monkeypatch, capsys):
     fake = {"good": 0.5, "bad": -1.0, "arch:scratch": -0.2}
 
-    def fake_score(cfg, spec, name, pretrained, images, y, groups, n_splits, progress):
+    def fake_score(cfg, spec, name, pretrained, images, y, groups, n_splits, progress, bill):
         return {"encoder": spec, "model": name, "pretrained": pretrained, "weights": name, "logme": fake[spec],
                 "leep": None, "probe_auc": 0.6, "feature_dim": 4, "seconds": 0.0}
 
