@@ -173,8 +173,8 @@ def cv_walltime() -> list[str]:
     files = sorted((BENCH / "cv_walltime" / "results").glob("*.json"))
     out = ["## 5-fold cross-validation wall time", "",
            "`medtl cv` in a fresh run directory under `/usr/bin/time -v`: start-up, decoding, preprocessing, five "
-           "folds of training with inner validation, bootstrap CIs and plots. \"training s\" is the sum of the "
-           f"epochs' `train_seconds` over all folds. Method: {link(METHOD_READMES['cv_walltime'])}.", ""]
+           "folds of training with inner validation, bootstrap CIs and plots. \"training s\" is the training "
+           f"stage of the run's compute bill (`metrics.json[\"compute\"]`, all folds). Method: {link(METHOD_READMES['cv_walltime'])}.", ""]
     for f in files:
         d = json.loads(f.read_text())
         rel = f.relative_to(ROOT).as_posix()

@@ -79,10 +79,9 @@ def run_case(case: str, overrides: list[str], keep: Path | None) -> dict:
            **_parse_time_v(proc.stderr), "wall_s_perf_counter": round(wall, 1), "medtl_seconds": metrics.get("seconds"),
            "n_cases": metrics["n_cases"], "model": metrics["model"], "device": metrics["device"],
            "auc": round(metrics["pooled"]["auc"]["value"], 3), "auc_ci95": [round(c, 3) for c in metrics["pooled"]["auc"]["ci95"]]}
-    folds = sorted((out / "folds").glob("*.json"))  # per-fold records; the fast path adds train_seconds
-    secs = [h.get("train_seconds") for f in folds for h in json.loads(f.read_text()).get("history", [])]
-    if secs and all(v is not None for v in secs):
-        res["train_seconds_sum"] = round(sum(secs), 1)
+    training = metrics.get("compute", {}).get("stages", {}).get("training")  # the run's compute bill
+    if training and training.get("wall_s") is not None:
+        res["train_seconds_sum"] = round(training["wall_s"], 1)
     cfg_file = next((p for p in (out / "config.yaml", out / "config.resolved.yaml") if p.exists()), None)
     if cfg_file is not None:
         txt = cfg_file.read_text()
