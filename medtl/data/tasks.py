@@ -150,10 +150,12 @@ def _numeric_column(task: str, column: str, cases: Sequence[Case]) -> np.ndarray
     return vals
 
 
-def _binary_column(task: str, column: str, cases: Sequence[Case]) -> np.ndarray:
-    cells = _cells(column, cases)
-    mapping = canonical_labels([v for v in cells if v], f"Task '{task}' column '{column}'")
-    code = {"0": 0.0, "1": 1.0, "False": 0.0, "True": 1.0}
+def _encode(cases: Sequence[Case], cells: list[str], mapping: dict[str, str],
+            code: dict[str, float]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Each non-empty cell's code (through its canonical label); empty cells stay NaN.
+
+    Returns ``(values, bad)``: ``bad`` lists ``(case_id, cell)`` for cells whose label has no code.
+    """
     vals, bad = np.full(len(cases), np.nan), []
     for i, (c, v) in enumerate(zip(cases, cells)):
         if v:
@@ -162,6 +164,14 @@ def _binary_column(task: str, column: str, cases: Sequence[Case]) -> np.ndarray:
                 bad.append((c.case_id, v))
             else:
                 vals[i] = k
+    return vals, bad
+
+
+def _binary_column(task: str, column: str, cases: Sequence[Case]) -> np.ndarray:
+    cells = _cells(column, cases)
+    mapping = canonical_labels([v for v in cells if v], f"Task '{task}' column '{column}'")
+    code = {"0": 0.0, "1": 1.0, "False": 0.0, "True": 1.0}
+    vals, bad = _encode(cases, cells, mapping, code)
     if bad:
         raise _bad(task, column, "0/1 or false/true (multilabel columns are binary)", bad)
     return vals
@@ -177,14 +187,7 @@ def _class_column(t, cases: Sequence[Case]) -> tuple[np.ndarray, list[str]]:
     else:
         names = sorted(set(mapping.values()), key=_natural)
     index = {n: i for i, n in enumerate(names)}
-    vals, bad = np.full(len(cases), np.nan), []
-    for i, (c, v) in enumerate(zip(cases, cells)):
-        if v:
-            k = index.get(mapping[v])
-            if k is None:
-                bad.append((c.case_id, v))
-            else:
-                vals[i] = k
+    vals, bad = _encode(cases, cells, mapping, index)
     if bad:
         raise _bad(t.name, t.column, f"one of its classes {names}", bad)
     if t.kind == "binary" and len(names) != 2:
