@@ -44,6 +44,7 @@ from pydicom.uid import (
 )
 
 from medtl.config import format_bytes
+from medtl.data._geometry import is_dense
 from medtl.data._memory import FLOAT32, check_declared
 from medtl.data.privacy import IDENTIFYING_TAGS
 from medtl.errors import UnreadableFileError
@@ -59,6 +60,7 @@ __all__ = [
     "frame_spacing",
     "has_dicom_magic",
     "header_value",
+    "normal_of",
     "orientation_of",
     "position_of",
     "quiet",
@@ -111,7 +113,18 @@ def quiet() -> Iterator[list[str]]:
     pydicom quotes invalid element values in its warnings ("Invalid value for VR DA:
     '19650412x'"), which may be identifying (a birth date), so they must not reach the
     user's logs. The messages are still returned to pick specific failure reasons.
+    Nested uses (a file read inside a series read) share the outer silencing and return
+    only the messages caught while they were open.
     """
+    if _QUIET:  # already silenced by an outer quiet(): hand out its messages since now
+        outer = _QUIET[-1]
+        start = len(outer)
+        messages: list[str] = []
+        try:
+            yield messages
+        finally:
+            messages.extend(str(w.message) for w in outer[start:])
+        return
     logger = logging.getLogger("pydicom")
     was_disabled, logger.disabled = logger.disabled, True
     # records of child loggers (pydicom.pixels...) bypass the parent's `disabled` flag but stop
@@ -120,12 +133,19 @@ def quiet() -> Iterator[list[str]]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            messages: list[str] = []
-            yield messages
-            messages.extend(str(w.message) for w in caught)
+            _QUIET.append(caught)
+            messages = []
+            try:
+                yield messages
+            finally:
+                _QUIET.pop()
+                messages.extend(str(w.message) for w in caught)
     finally:
         logger.disabled = was_disabled
         logger.propagate = was_propagating
+
+
+_QUIET: list[list] = []  # the warning lists of the quiet() blocks open in this thread (see quiet)
 
 
 def has_dicom_magic(path: Path) -> bool:
@@ -345,7 +365,7 @@ def decode_dataset(ds: Dataset, path: Path, *, max_bytes: int | None = None,
             f"install {pkg}"))
     with quiet():  # e.g. "excess padding removed": harmless
         try:
-            arr, info = decoder.as_array(ds, as_rgb=True)
+            arr, info = _decode(decoder, ds)
         except RuntimeError as exc:
             raise UnreadableFileError(path, _decoder_failure(ts, exc)) from None
         except ValueError as exc:
@@ -382,12 +402,45 @@ def decode_dataset(ds: Dataset, path: Path, *, max_bytes: int | None = None,
     if not colour_last and not rescaled:
         arr, rescaled = _modality_rescale(arr, ds, path, n_frames)
         small_ints &= arr.dtype == np.float32  # the exact one-pass rescale (or none)
-    if arr.dtype != np.float32 or not _dense(arr):
+    if arr.dtype != np.float32 or not is_dense(arr):
         arr = np.array(arr, dtype=np.float32, order="K")
     if not small_ints and not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
         raise UnreadableFileError(path, f"NaN/Inf in pixel data ({bad} of {arr.size} values)")
     return DicomPixels(arr, photometric, rescaled)
+
+
+def _decode(decoder: Any, ds: Dataset) -> tuple[np.ndarray, dict]:
+    """``decoder.as_array(ds, as_rgb=True)``, without a copy for uncompressed greyscale integers.
+
+    For native (uncompressed) grey pixels, pydicom copies the Pixel Data and then masks or
+    sign-extends the bits above Bits Stored (two more passes), even though scanners almost always
+    store those bits already clean. As pydicom's own warning suggests, this asks for a read-only
+    view without the correction (``view_only=True, correct_unused_bits=False``) and checks with
+    one min/max pass that the correction would change nothing: every value within the range of
+    Bits Stored. Otherwise it decodes again with pydicom's correction. The caller always writes
+    a new float32 array from the view (the rescale or the dtype conversion), never the view.
+    """
+    if not decoder.is_native or _int_or(ds, "SamplesPerPixel", 1) != 1:
+        return decoder.as_array(ds, as_rgb=True)
+    arr, info = decoder.as_array(ds, as_rgb=True, view_only=True, correct_unused_bits=False)
+    stored, allocated = info.get("bits_stored"), info.get("bits_allocated")
+    if arr.dtype.kind not in "iu" or not stored or not allocated or stored >= allocated or arr.size == 0:
+        return arr, info
+    if arr.dtype.kind == "u":
+        clean = int(arr.max()) < (1 << stored)
+    else:
+        low, high = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+        clean = low <= int(arr.min()) and int(arr.max()) <= high
+    return (arr, info) if clean else decoder.as_array(ds, as_rgb=True)
+
+
+def _int_or(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        value = header_value(ds, keyword)
+        return default if value is None else int(value)
+    except (TypeError, ValueError):
+        return default
 
 
 def _channel_first(arr: np.ndarray, colour_last: bool, n_frames: int) -> np.ndarray:
@@ -439,7 +492,7 @@ def _modality_rescale(arr: np.ndarray, ds: Dataset, path: Path, n_frames: int) -
     if _exact_in_float32(arr, slope, intercept):
         # One pass straight into float32: integer pixels of <= 16 bits plus an integral
         # intercept (slope 1) are exact in float32, so this equals the float64 result bit for bit.
-        out = np.empty_like(arr, dtype=np.float32)  # in the source's memory order (see _dense)
+        out = np.empty_like(arr, dtype=np.float32)  # in the source's memory order (see is_dense)
         np.add(arr, np.float32(intercept), out=out, dtype=np.float32, casting="unsafe")
         return out, True
     out = np.array(arr, dtype=np.float64, order="K")
@@ -448,18 +501,6 @@ def _modality_rescale(arr: np.ndarray, ds: Dataset, path: Path, n_frames: int) -
     if intercept:
         np.add(out, intercept, out=out)
     return out, True
-
-
-def _dense(arr: np.ndarray) -> bool:
-    """True for an array in one block of memory with positive strides, in any axis order.
-
-    The rescale writes a reoriented image in the memory order of the decoded pixels (``order="K"``:
-    the transpose of an axial slice to ``(X, Y)`` costs nothing, and the result is C-contiguous up
-    to a permutation of its axes, like the F-ordered arrays nibabel returns); a copy into C order
-    would add a strided pass over every image that no consumer (NumPy, torch, MONAI) needs.
-    """
-    order = np.argsort(arr.strides, kind="stable")[::-1]
-    return arr.transpose(order).flags.c_contiguous
 
 
 def _exact_in_float32(arr: np.ndarray, slope: float, intercept: float) -> bool:
@@ -492,6 +533,7 @@ _ASCII_CHARSETS = {b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 101", b"ISO_IR 109"
                    b"ISO_IR 144", b"ISO_IR 127", b"ISO_IR 126", b"ISO_IR 138", b"ISO_IR 148",
                    b"ISO_IR 166", b"ISO_IR 192", b"GB18030", b"GBK"}
 _TAG_VR: dict[str, tuple[int, str]] = {}
+_CHARSET_TAG = Tag(0x00080005)  # Specific Character Set
 _MISSING = object()
 
 
@@ -560,7 +602,8 @@ def _fast_value(ds: Dataset, keyword: str) -> Any:
 
 
 def _ascii_charset(ds: Dataset) -> bool:
-    raw = ds.get_item(0x00080005, keep_deferred=True)
+    elements = getattr(ds, "_dict", None)
+    raw = elements.get(_CHARSET_TAG) if isinstance(elements, dict) else ds.get_item(_CHARSET_TAG, keep_deferred=True)
     if raw is None:
         return True
     value = raw.value
@@ -676,16 +719,17 @@ def dicom_meta(ds: Dataset) -> dict[str, Any]:
 
 def row_col_spacing(ds: Dataset) -> tuple[float, float]:
     """(row, col) spacing in mm from PixelSpacing, ImagerPixelSpacing or functional groups."""
-    candidates = [header_value(ds, "PixelSpacing"), header_value(ds, "ImagerPixelSpacing")]
-    group = _functional_group(ds, "PixelMeasuresSequence")
-    if group is not None:
-        candidates.append(group.get("PixelSpacing"))
-    for value in candidates:
+    for kw in ("PixelSpacing", "ImagerPixelSpacing", None):
+        if kw is None:  # enhanced objects: the shared functional group (looked up only when needed)
+            group = _functional_group(ds, "PixelMeasuresSequence")
+            value = group.get("PixelSpacing") if group is not None else None
+        else:
+            value = header_value(ds, kw)
         try:
             r, c = (float(v) for v in value)
         except (TypeError, ValueError):
             continue
-        if r > 0 and c > 0 and np.isfinite([r, c]).all():
+        if r > 0 and c > 0 and math.isfinite(r) and math.isfinite(c):
             return r, c
     return 1.0, 1.0
 
@@ -697,16 +741,23 @@ def orientation_of(ds: Dataset) -> tuple[float, ...] | None:
     if value is None:
         group = _functional_group(ds, "PlaneOrientationSequence") or _frame_group(ds, 0, "PlaneOrientationSequence")
         value = _plain(group.get("ImageOrientationPatient")) if group is not None else None
-    try:
-        iop = np.array([float(v) for v in value], dtype=float)
+    try:  # plain floats: six numbers do not pay for NumPy's per-call overhead
+        iop = [float(v) for v in value]
     except (TypeError, ValueError):
         return None
-    if iop.shape != (6,) or not np.isfinite(iop).all():
+    if len(iop) != 6 or not all(map(math.isfinite, iop)):
         return None
     row, col = iop[:3], iop[3:]
-    if not (0.9 < np.linalg.norm(row) < 1.1 and 0.9 < np.linalg.norm(col) < 1.1) or abs(row @ col) > 0.01:
+    n_row, n_col = math.hypot(*row), math.hypot(*col)
+    if not (0.9 < n_row < 1.1 and 0.9 < n_col < 1.1) or abs(sum(a * b for a, b in zip(row, col))) > 0.01:
         return None  # not two orthogonal unit vectors: corrupt
-    return tuple(float(v) for v in np.concatenate([row / np.linalg.norm(row), col / np.linalg.norm(col)]))
+    return tuple(v / n_row for v in row) + tuple(v / n_col for v in col)
+
+
+def normal_of(iop: tuple[float, ...]) -> tuple[float, float, float]:
+    """The slice normal ``row x column`` of an ImageOrientationPatient (LPS)."""
+    (a1, a2, a3), (b1, b2, b3) = iop[:3], iop[3:]
+    return a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1
 
 
 def position_of(ds: Dataset) -> np.ndarray | None:
@@ -741,7 +792,7 @@ def frame_positions(ds: Dataset, n_frames: int) -> tuple[list[np.ndarray | None]
         except (TypeError, ValueError):
             values = []
         if len(values) == n_frames:
-            normal = np.cross(np.asarray(iop[:3]), np.asarray(iop[3:]))
+            normal = np.array(normal_of(iop))
             return [origin + v * normal for v in values], "GridFrameOffsetVector"
     return None
 
@@ -756,10 +807,10 @@ def _frame_group(ds: Dataset, index: int, keyword: str) -> Dataset | None:
 
 def _vector3(value: Any) -> np.ndarray | None:
     try:
-        vec = np.array([float(v) for v in value], dtype=float)
+        vec = [float(v) for v in value]
     except (TypeError, ValueError):
         return None
-    return vec if vec.shape == (3,) and np.isfinite(vec).all() else None
+    return np.array(vec) if len(vec) == 3 and all(map(math.isfinite, vec)) else None
 
 
 def frame_spacing(ds: Dataset) -> float:

@@ -13,6 +13,7 @@ building a ``MetaTensor`` per 2D slice would cost several times the decode itsel
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import numpy as np
@@ -21,7 +22,7 @@ from nibabel import orientations as nio
 from medtl.errors import ConfigError, DataError
 
 __all__ = ["DISPLAY", "LPS_TO_RAS", "Reorientation", "axis_codes", "check_axcodes", "check_codes", "cut_axis", "dicom_affine",
-           "display_view", "pixel_grid", "plane_name", "reorient", "spacing_of"]
+           "display_view", "is_dense", "pixel_grid", "plane_name", "reorient", "spacing_of"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _PAIRS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -87,13 +88,28 @@ class Reorientation:
         self.plane = len(spatial_shape) == 2
         shape = tuple(int(s) for s in spatial_shape) + ((1,) if self.plane else ())
         rot = affine[:3, :3] / np.maximum(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)), 1e-12)
-        self.flips, self.order, inv, normal_at = _plan(np.round(rot, 6).tobytes(), shape, axcodes)
-        new = affine @ inv
+        self.flips, self.order, self._inv, normal_at = _plan(np.round(rot, 6).tobytes(), shape, axcodes)
         self.normal_at = normal_at if self.plane else None
+        self.affine = self._reoriented(affine)
+
+    def _reoriented(self, affine: np.ndarray) -> np.ndarray:
+        new = affine @ self._inv
         if self.normal_at is not None:
             cols = [a for a in range(3) if a != self.normal_at] + [self.normal_at]
             new[:, :3] = new[:, cols]
-        self.affine = new
+        return new
+
+    def moved(self, affine: np.ndarray) -> Reorientation:
+        """The same flips and transpose for another affine with the same axis directions.
+
+        Slices that share an orientation and a size share the plan; only their spacing and
+        position differ. ``affine``'s columns must point along this plan's source axes (any
+        positive length): the plan is not recomputed, only the new affine.
+        """
+        other = object.__new__(Reorientation)
+        other.__dict__.update(self.__dict__)
+        other.affine = self._reoriented(affine)
+        return other
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         """``(C, a, b)`` or ``(C, a, b, c)`` -> the same layout reoriented (a view)."""
@@ -121,9 +137,20 @@ def reorient(array: np.ndarray, affine: np.ndarray, axcodes: str) -> tuple[np.nd
     return plan.apply(array), plan.affine
 
 
+def is_dense(arr: np.ndarray) -> bool:
+    """True for an array in one block of memory with positive strides, in any axis order.
+
+    Such an array is C-contiguous up to a permutation of its axes (a transposed slice, the
+    F-ordered arrays nibabel returns). NumPy, torch and MONAI take it as it is; copying it into
+    C order would add a strided pass over every image that no consumer needs.
+    """
+    order = np.argsort(arr.strides, kind="stable")[::-1]
+    return arr.transpose(order).flags.c_contiguous
+
+
 def spacing_of(affine: np.ndarray, spatial: int) -> tuple[float, ...]:
     """mm per spatial axis in array order: the norms of the affine's first ``spatial`` columns."""
-    return tuple(float(v) for v in np.linalg.norm(affine[:3, :spatial], axis=0))
+    return tuple(math.hypot(*col) for col in affine[:3, :spatial].T.tolist())
 
 
 def plane_name(iop: tuple[float, ...]) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import os
 import stat
 from collections import Counter
@@ -37,6 +38,7 @@ from medtl.data._geometry import (
     axis_codes,
     check_axcodes,
     dicom_affine,
+    is_dense,
     pixel_grid,
     plane_name,
     spacing_of,
@@ -317,7 +319,7 @@ def _dicom_instance(path: Path, ds: Any, limit: int, axcodes: str) -> ScanImage:
         return _dicom_image(ds, pixels, grid, meta)
     plane, spacing = found
     origin = _dicom.position_of(ds)
-    affine = plane.affine.copy()
+    affine = plane.affine.copy()  # the cached template's affine is shared
     if origin is None:
         meta["geometry"] = "no ImagePositionPatient: origin at 0"
     else:  # the plan's affine is that of a slice at the origin: add this slice's position (LPS -> RAS)
@@ -329,41 +331,41 @@ def _dicom_instance(path: Path, ds: Any, limit: int, axcodes: str) -> ScanImage:
     return _dicom_image(ds, pixels, affine, meta, spacing)
 
 
-# header fields the layout of a 2D slice depends on (all but its position)
-_PLANE_KEY = ("ImageOrientationPatient", "PixelSpacing", "ImagerPixelSpacing", "SliceThickness",
-              "SpacingBetweenSlices", "Rows", "Columns", "SharedFunctionalGroupsSequence",
-              "PerFrameFunctionalGroupsSequence")
-_PLANE_CACHE: dict[tuple, tuple[Reorientation, tuple[float, ...]] | None] = {}
+# the orientation plan of a 2D slice depends on its direction cosines, size and the axis code only
+_PLANE_CACHE: dict[tuple, Reorientation] = {}
 
 
 def _plane_plan(ds: Any, axcodes: str) -> tuple[Reorientation, tuple[float, ...]] | None:
     """The reorientation of a 2D slice placed at the origin (``None`` without ImageOrientationPatient).
 
-    Slices of one series share orientation, pixel spacing, thickness and size, so the plan is
-    kept per encoding of those fields (:func:`medtl.data._dicom.raw_key`); only the position
-    differs per slice. Returns the plan and the spacing in array order.
+    The flips and transpose depend only on the slice's direction cosines and size, which all
+    slices of a series (and most series of a modality) share, so that plan is kept per
+    (orientation, size, axis code); each slice only computes its own affine from its pixel
+    spacing and thickness. Returns the plan and the spacing in array order.
     """
-    key = _dicom.raw_key(ds, _PLANE_KEY)
-    if key is not None:
-        key = (axcodes, *key)
-        if key in _PLANE_CACHE:
-            return _PLANE_CACHE[key]
     iop = _dicom.orientation_of(ds)
-    found = None
-    if iop is not None:
-        row, col = _dicom.row_col_spacing(ds)
-        dirs = np.asarray(iop, float)
-        normal = np.cross(dirs[:3], dirs[3:]) * _thickness(ds)
-        raw = dicom_affine([dirs[3:] * row, dirs[:3] * col, normal], np.zeros(3))  # raw axes: (row, column, normal)
-        rows, cols = _safe_int(_dicom.header_value(ds, "Rows"), 0), _safe_int(_dicom.header_value(ds, "Columns"), 0)
-        plan = Reorientation(raw, (rows, cols), axcodes)
-        plan.affine.setflags(write=False)  # shared by the slices of a series: copied per slice
-        found = plan, spacing_of(plan.affine, 2)
-    if key is not None:
+    if iop is None:
+        return None
+    row, col = _dicom.row_col_spacing(ds)
+    thick = _thickness(ds)
+    normal = _dicom.normal_of(iop)
+    # raw axes: (row, column, normal); the LPS -> RAS sign flip of dicom_affine, on plain floats
+    raw = np.array([[-iop[3] * row, -iop[0] * col, -normal[0] * thick, 0.0],
+                    [-iop[4] * row, -iop[1] * col, -normal[1] * thick, 0.0],
+                    [iop[5] * row, iop[2] * col, normal[2] * thick, 0.0],
+                    [0.0, 0.0, 0.0, 1.0]])
+    rows, cols = _safe_int(_dicom.header_value(ds, "Rows"), 0), _safe_int(_dicom.header_value(ds, "Columns"), 0)
+    key = (axcodes, iop, rows, cols)
+    template = _PLANE_CACHE.get(key)
+    if template is None:
+        template = Reorientation(raw, (rows, cols), axcodes)
         if len(_PLANE_CACHE) >= 64:
             _PLANE_CACHE.clear()
-        _PLANE_CACHE[key] = found
-    return found
+        _PLANE_CACHE[key] = template
+        plan = template
+    else:
+        plan = template.moved(raw)
+    return plan, spacing_of(plan.affine, 2)
 
 
 def _thickness(ds: Any) -> float:
@@ -741,15 +743,34 @@ def _read_nifti(path: Path, limit: int, axcodes: str) -> ScanImage:
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(spatial)
     except (EOFError, OSError, ValueError) as exc:
         raise UnreadableFileError(path, f"truncated or corrupt NIfTI data: {' '.join(str(exc).split())}") from None
-    if not np.isfinite(data).all():
+    if not _finite_by_type(img) and not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise UnreadableFileError(path, f"NaN/Inf in image data ({bad} of {data.size} voxels)")
     meta: dict[str, Any] = {"format": type(img).__name__, "orientation": axcodes, "original_shape": list(shape),
                             "original_orientation": "".join(nib.aff2axcodes(affine))}
     if not plane:
         meta["n_slices"] = shape[2]
-    array = np.ascontiguousarray(plan.apply(data[None]), dtype=np.float32)
+    array = plan.apply(data[None])
+    if not is_dense(array):  # flipped axes: copy; a transpose alone (nibabel's F order) stays as it is
+        array = np.array(array, dtype=np.float32, order="K")
     return ScanImage(array, spacing_of(plan.affine, len(spatial)), None, False, meta, plan.affine)
+
+
+def _finite_by_type(img: Any) -> bool:
+    """True when a NIfTI's voxels cannot be NaN/Inf: integers on disk with a scaling that keeps
+    every value of the type within float32 (so the NaN/Inf scan can be skipped)."""
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind not in "iub":
+        return False
+    slope, inter = getattr(img.dataobj, "slope", None), getattr(img.dataobj, "inter", None)
+    try:
+        slope, inter = float(1.0 if slope is None else slope), float(0.0 if inter is None else inter)
+    except (TypeError, ValueError):
+        return False
+    if not (math.isfinite(slope) and math.isfinite(inter)):
+        return False
+    info = np.iinfo(dtype) if dtype.kind != "b" else np.iinfo(np.uint8)
+    return abs(slope) * max(abs(int(info.min)), int(info.max)) + abs(inter) < 1e38
 
 
 # --------------------------------------------------------------------------- Pillow

@@ -79,6 +79,24 @@ def test_ct_rescale_gives_hounsfield_units(tmp_path: Path) -> None:
     np.testing.assert_allclose(img2.array[0], stored.astype(float) * 2 - 1000)
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_bits_above_bits_stored_are_ignored(tmp_path: Path, signed: bool) -> None:
+    """12 of 16 bits stored: values come from the stored bits, whether the unused ones are clean or not."""
+    values = np.array([[0, 100, 2047], [-2048 if signed else 4095, -1 if signed else 3000, 5]])
+    dtype = np.int16 if signed else np.uint16
+    clean = values.astype(dtype)
+    dirty = (clean.view(np.uint16) ^ np.uint16(0xA000)).view(dtype) if signed else clean | np.uint16(0xF000)
+    for name, pixels in (("clean", clean), ("dirty", dirty)):
+        path = write_dicom(tmp_path / f"{name}.dcm", pixels)
+        ds = pydicom.dcmread(path)
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+        ds.save_as(path, enforce_file_format=True)
+        img = read_image(path)
+        np.testing.assert_array_equal(img.array[0], values - 1024.0)  # slope 1, intercept -1024
+        reference = pydicom.dcmread(path).pixel_array  # pydicom's own correction
+        np.testing.assert_array_equal(img.array[0], reference.astype(np.float64) - 1024.0)
+
+
 def test_mr_without_rescale_is_not_hu(tmp_path: Path) -> None:
     stored = np.arange(12, dtype=np.uint16).reshape(3, 4)
     img = read_image(write_dicom(tmp_path / "mr.dcm", stored, modality="MR", slope=None, intercept=None))
