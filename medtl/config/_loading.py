@@ -14,6 +14,7 @@ from pydantic import (
 )
 
 from medtl.config._memory import MAX_CONFIG_BYTES, MAX_YAML_NODES, format_bytes
+from medtl.config._recipes import fill_recipe
 from medtl.config._schema import _SECTIONS, Config, _section_at
 from medtl.errors import ConfigError, did_you_mean
 
@@ -228,19 +229,35 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None, *
             raise ConfigError(f"Config file '{path}' must hold a mapping at the top level.")
         label = f"'{path}'"
     raw = apply_overrides(raw, overrides)
+    raw, recipe = fill_recipe(raw)  # what the weight record's recipe sets, where the config is silent
     try:
-        return Config.model_validate(raw, context={"check_dependencies": check_dependencies})
+        cfg = Config.model_validate(raw, context={"check_dependencies": check_dependencies})
     except ValidationError as err:
-        raise ConfigError(_format_validation(err, label)) from None
+        message = _format_validation(err, label)
+        if recipe.get("settings"):
+            message += (f"\n(filled from the recipe of '{recipe['source']}': "
+                        f"{', '.join(f'{k}={v}' for k, v in recipe['settings'].items())}; set model.recipe: false "
+                        "to leave the recipe out)")
+        raise ConfigError(message) from None
+    cfg._recipe = recipe
+    return cfg
 
 
 def config_yaml(cfg: Config) -> str:
-    """The resolved config as YAML text, with the data paths expanded and made absolute."""
+    """The resolved config as YAML text, with the data paths expanded and made absolute.
+
+    A first comment names the weight record whose recipe filled keys of this config, and those keys.
+    """
     data = cfg.model_dump(mode="json")
     data["data"]["path"] = str(cfg.resolved_data_path().resolve())
     if cfg.data.labels is not None:
         data["data"]["labels"]["csv"] = str(cfg.resolved_labels_path().resolve())
-    return yaml.safe_dump(data, sort_keys=False)
+    text = yaml.safe_dump(data, sort_keys=False)
+    recipe = cfg.recipe_applied
+    if recipe.get("settings"):
+        filled = ", ".join(f"{k}={v}" for k, v in recipe["settings"].items())
+        text = f"# from the recipe of the weight record {recipe['source']}: {filled}\n" + text
+    return text
 
 
 def dump_config(cfg: Config, path: str | Path) -> Path:

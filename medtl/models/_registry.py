@@ -8,12 +8,15 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from medtl.errors import WeightsError, did_you_mean
+from medtl.config import load_config, register_recipe_lookup
+from medtl.errors import ConfigError, WeightsError, did_you_mean
 
 __all__ = [
+    "Recipe",
     "WeightRecord",
     "SOURCES",
     "LAYOUTS",
@@ -30,6 +33,42 @@ Source = Literal["pypi", "local", "timm", "torchvision", "url", "none"]
 LAYOUTS = ("timm", "efficientnet_pytorch", "torchvision", "radimagenet_torch", "radimagenet_keras",
            "radimagenet_hf", "medicalnet", "i3resnet")
 BUILDERS = ("timm", "keras_resnet50", "medicalnet", "i3resnet")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to fine-tune a weight set, chosen by measurement: config settings and the evidence.
+
+    ``settings`` maps dotted config keys to values (``{"train.lr": 3e-4, "train.strategy.name":
+    "llrd"}``); :func:`medtl.config.load_config` fills each key a config leaves unset (the user's
+    keys win; ``model.recipe: false`` turns it off). ``evidence`` says what was measured: the
+    command, the figure and the device, or where the recipe comes from.
+
+    Example:
+        >>> Recipe({"train.lr": 3e-4}, evidence="...").settings["train.lr"]
+        0.0003
+    """
+
+    settings: Mapping[str, Any]
+    evidence: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", dict(self.settings))
+
+    def check(self) -> Recipe:
+        """Refuse keys or values the config schema does not accept (raised as ValueError at registration)."""
+        raw: dict[str, Any] = {"data": {"path": "."}}
+        for key, value in self.settings.items():
+            node, parts = raw, key.split(".")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        raw.setdefault("model", {})["recipe"] = False
+        try:
+            load_config(raw, check_dependencies=False)
+        except ConfigError as exc:
+            raise ValueError(f"recipe settings {self.settings} are not a valid config: {exc}") from None
+        return self
 
 
 @dataclass(frozen=True)
@@ -57,6 +96,8 @@ class WeightRecord:
         input_size: ``(C, H, W)`` or ``(C, D, H, W)`` the weights were trained at.
         channel_order: channel order the weights were trained on (``"RGB"`` or ``"BGR"``).
         value_scaling: what the original pipeline fed the network, in words.
+        recipe: the measured fine-tuning recipe (:class:`Recipe`) that a config naming these
+            weights gets for the keys it leaves unset; ``None``: the schema defaults.
         hu_window: ``(low, high)`` CT window in HU that the original pipeline clipped and scaled
             to ``[0, 1]`` (``None`` = not CT weights); in a config, ``data.intensity`` with
             ``mode: window``, ``center: (low + high) / 2``, ``width: high - low``.
@@ -103,6 +144,7 @@ class WeightRecord:
     builder: Literal["timm", "keras_resnet50", "medicalnet", "i3resnet"] = "timm"
     hash_prefix: str | None = None
     hu_window: tuple[float, float] | None = None
+    recipe: Recipe | None = None
 
     def to_dict(self) -> dict:
         """JSON-serialisable view (stored in checkpoint metadata)."""
@@ -126,8 +168,21 @@ def register(record: WeightRecord) -> WeightRecord:
     if record.layout not in LAYOUTS or record.builder not in BUILDERS:
         raise ValueError(f"record '{record.name}': layout must be one of {LAYOUTS} and builder one of "
                          f"{BUILDERS}, got {record.layout!r} / {record.builder!r}")
+    if record.recipe is not None:
+        record.recipe.check()
     _REGISTRY[record.name] = record
     return record
+
+
+def _recipe_of(name: str) -> tuple[str, Mapping[str, Any]] | None:
+    """The recipe a config naming ``name`` gets (record, alias or architecture default), or ``None``."""
+    rec = _REGISTRY.get(_ALIASES.get(name, name)) or _default_for_architecture(name)
+    if rec is None or rec.recipe is None:
+        return None
+    return rec.name, rec.recipe.settings
+
+
+register_recipe_lookup(_recipe_of)
 
 
 def register_alias(alias: str, target: str) -> None:
