@@ -135,7 +135,7 @@ def stub_runs(tmp_path_factory):
     raw = {"name": "bill", "data": {"path": str(manifest), "image_size": [32, 32]}}
     cfg = load_config(raw, ["cv.n_splits=3", "evaluate.n_bootstrap=20", "train.device=cpu"])
     mp = pytest.MonkeyPatch()
-    mp.setattr(crossval, "make_trainer", lambda cfg: _StubTrainer())
+    mp.setattr(crossval, "make_trainer", lambda cfg, *args, **kwargs: _StubTrainer())
     try:
         metrics = crossval.cross_validate(cfg, root / "a", progress=False)
         shutil.copytree(root / "a", root / "b")

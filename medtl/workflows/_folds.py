@@ -62,8 +62,9 @@ def fit_fold(ctx: FoldContext, key: str, trn: np.ndarray, val: np.ndarray, test:
 
     The temperature (``evaluate.calibration``) and threshold (``evaluate.threshold``) are
     fitted on ``val`` only. The returned validation probabilities are the calibrated ones.
-    The fold's compute bill (features, training, evaluation) is kept in ``record.info["compute"]``,
-    so a resumed run still counts what this fold cost, and merged into ``ctx.bill``.
+    The fold's compute bill (features, nested CV's inner search, training, evaluation) is kept in
+    ``record.info["compute"]``, so a resumed run still counts what this fold cost, and merged into
+    ``ctx.bill``.
     """
     cfg, data = ctx.cfg, ctx.data
     bill = ComputeBill(resolve_device(cfg.train.device), cfg.train.cpu_watts_per_core)
@@ -74,6 +75,10 @@ def fit_fold(ctx: FoldContext, key: str, trn: np.ndarray, val: np.ndarray, test:
             base.features(cfg, data)
         if base.feature_info_ is not before:  # computed now (a new info dict), not reused from memory
             bill.add_images("features", len(data.y))
+    if hasattr(ctx.trainer, "search"):  # nested CV: the inner search (medtl.workflows.search), billed apart
+        with bill.stage("search"):
+            bill.add_images("search", ctx.trainer.search(cfg, data, trn, val, seeds, description=description,
+                                                         bar=ctx.bar))
     with bill.stage("training"):
         fitted = ctx.trainer.fit(cfg, data, trn, val, seeds, description=description, bar=ctx.bar)
     epochs = len(fitted.info.get("history") or [])

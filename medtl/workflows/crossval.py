@@ -41,6 +41,7 @@ from medtl.workflows._folds import (
     write_plots,
 )
 from medtl.workflows.rundir import class_counts
+from medtl.workflows.search import print_search, search_summary
 from medtl.workflows.trainers import LinearProbe, make_trainer
 
 __all__ = ["cross_validate"]
@@ -69,7 +70,7 @@ def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, pro
     groups, names = data.groups, data.class_names
     sites = np.array([c.site for c in data.cases], dtype=object)
     plan = fold_plan(cfg, data.y, groups, sites, names)
-    trainer = make_trainer(cfg)
+    trainer = make_trainer(cfg, run.path / "search", resume=resume)  # nested CV's Optuna studies: <run>/search
     n, k_cls = len(data.y), len(names)
     n_rep = max(f.repeat for f in plan) + 1
     oof, oof_raw = np.zeros((n_rep, n, k_cls)), np.zeros((n_rep, n, k_cls))
@@ -141,11 +142,15 @@ def cross_validate(cfg: Config, out_dir: str | Path, *, resume: bool = True, pro
         metrics["per_site"] = site_metrics
     if data.tasks:  # multi-task: per-task metrics with CIs, and per-task columns in predictions.csv
         add_tasks(cfg, data, run, [(run.read_fold_record(s.key), s.test, s.repeat) for s in plan], metrics)
+    if cfg.cv.scheme == "nested":  # the inner search's trials, wall time and choice per outer fold
+        metrics["search"] = search_summary([run.read_fold_record(s.key) for s in plan])
     bill.end("evaluation")
     metrics["compute"] = {**bill.as_dict(), "resumed_folds": resumed}
     run.write_metrics(metrics)
     print_summary(f"{cfg.name}: {title}, pooled out-of-fold ({n} cases, {metrics['n_patients']} patients)",
                   scored["metrics"])
+    if "search" in metrics:
+        print_search(metrics["search"])
     track(cfg, run, metrics)
     return metrics
 
