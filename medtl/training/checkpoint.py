@@ -16,6 +16,11 @@ passes ``trust_unverified=True`` (``--trust-unverified`` on the command line); t
 meta then says why it was not verified (``meta["unverified"]``), for the run to record.
 Free space is checked before a checkpoint is written (:class:`~medtl.errors.OutputError`).
 
+An ensemble checkpoint (:func:`save_ensemble_checkpoint`) is a folder whose ``meta.json``
+names member checkpoints in its subfolders (``FOLDER/member0/``, ...) and pins each member's
+sha256; every member is verified like a single checkpoint, and loading gives one
+:class:`~medtl.models.ensemble.EnsembleClassifier`.
+
 Example:
     >>> atomic_write_text("runs/cv/metrics.json", json.dumps(metrics))   # doctest: +SKIP
     >>> save_checkpoint(model, "runs/cv/checkpoints/fold0", {"class_names": ["a", "b"]})  # doctest: +SKIP
@@ -29,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +43,15 @@ from medtl.errors import MedtlError
 
 __all__ = [
     "CorruptCheckpointError", "ModelSpec", "UnverifiedCheckpointError", "atomic_write_bytes", "atomic_write_text",
-    "load_checkpoint", "read_meta", "save_checkpoint", "sha256_file", "verify_checkpoint",
+    "load_checkpoint", "read_meta", "save_checkpoint", "save_ensemble_checkpoint", "sha256_file", "verify_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
+ENSEMBLE = "ensemble"  # the meta.json block of an ensemble checkpoint
+_MEMBER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a member is a subfolder: a plain name, never a path
 
 
 class CorruptCheckpointError(MedtlError):
@@ -199,6 +207,8 @@ def verify_checkpoint(folder: str | Path, *, trust_unverified: bool = False) -> 
     if not (folder / META_FILE).is_file():
         raise CorruptCheckpointError(folder, "meta.json is missing (the run stopped before finishing it)")
     meta = read_meta(folder)
+    if meta.get(ENSEMBLE) is not None:  # an ensemble: every member verified, and pinned by the ensemble
+        return _verify_ensemble(folder, meta, trust_unverified)
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         raise CorruptCheckpointError(folder, "model.safetensors is missing")
@@ -234,7 +244,9 @@ def load_checkpoint(folder: str | Path, *, trust_unverified: bool = False):
 
     The weights' size and sha256 are always checked first (:func:`verify_checkpoint`); with
     ``trust_unverified`` a checkpoint that does not verify is loaded anyway, with a warning,
-    and ``meta["unverified"]`` says why (record it in the outputs).
+    and ``meta["unverified"]`` says why (record it in the outputs). An ensemble checkpoint
+    (:func:`save_ensemble_checkpoint`) gives one :class:`~medtl.models.ensemble.EnsembleClassifier`
+    over its verified members.
 
     Raises:
         CorruptCheckpointError: incomplete, truncated or corrupt checkpoint.
@@ -252,6 +264,8 @@ def load_checkpoint(folder: str | Path, *, trust_unverified: bool = False):
     from medtl.models.encoders import MedtlClassifier
     from medtl.models.records import WeightRecord
 
+    if (Path(folder) / META_FILE).is_file() and read_meta(folder).get(ENSEMBLE) is not None:
+        return _load_ensemble(Path(folder), trust_unverified)
     meta = verify_checkpoint(folder, trust_unverified=trust_unverified)
     try:
         rec_dict = dict(meta["weights_record"])
@@ -285,3 +299,102 @@ def load_checkpoint(folder: str | Path, *, trust_unverified: bool = False):
     except RuntimeError as exc:
         raise CorruptCheckpointError(folder, f"weights do not fit {record.architecture}: {str(exc)[:300]}") from None
     return model.eval(), meta
+
+
+# -- ensembles: one checkpoint folder over member checkpoints in its subfolders -------------------
+def save_ensemble_checkpoint(folder: str | Path, members: list[str], meta: dict, *, tta: bool) -> Path:
+    """Write ``folder/meta.json`` of an ensemble over the finished member checkpoints
+    ``folder/<member>/`` (each written by :func:`save_checkpoint`); returns the folder.
+
+    Every member is verified first, and its sha256 and size are pinned in
+    ``meta["ensemble"] = {"members": [{"key", "model_sha256", "model_bytes"}], "tta", "combine"}``,
+    so a member replaced afterwards is refused like a corrupt file. ``meta.json`` is written
+    last and atomically: a folder without it (a run killed while training members) holds no
+    loadable ensemble. :func:`load_checkpoint` rebuilds it as one
+    :class:`~medtl.models.ensemble.EnsembleClassifier` (``tta``: flip TTA inside).
+
+    Raises:
+        CorruptCheckpointError, UnverifiedCheckpointError: a member does not verify.
+    """
+    folder = Path(folder)
+    bad = [k for k in members if not _MEMBER_NAME.match(str(k))]
+    if not members or bad:
+        raise MedtlError(f"An ensemble checkpoint needs at least one member, each a plain subfolder name "
+                         f"(letters, digits, _ and -). Got {list(members)} instead.")
+    pinned, first = [], None
+    for key in members:
+        m = verify_checkpoint(folder / key)
+        first = first or m
+        pinned.append({"key": str(key), "model_sha256": m["model_sha256"], "model_bytes": m.get("model_bytes")})
+    meta = dict(meta)
+    for k in ("weights_record", "channel_mapping", "in_chans", "num_classes"):  # as a single checkpoint's
+        if k in first:
+            meta.setdefault(k, first[k])
+    meta[ENSEMBLE] = {"members": pinned, "tta": bool(tta),
+                      "combine": "mean of the members' softmax probabilities (each flip-averaged when tta)"}
+    meta.pop("unverified", None)
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2, default=str))
+    return folder
+
+
+def _members(folder: Path, meta: dict) -> list[tuple[str, dict]]:
+    """``[(member key, its pinned record)]`` of an ensemble's ``meta.json``."""
+    try:
+        members = [(str(m["key"]), m) for m in meta[ENSEMBLE]["members"]]
+    except (KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(folder, f"meta.json's ensemble block lacks or garbles its members "
+                                             f"({type(exc).__name__}: {exc})") from None
+    if not members:
+        raise CorruptCheckpointError(folder, "meta.json's ensemble block names no members")
+    bad = [k for k, _ in members if not _MEMBER_NAME.match(k)]
+    if bad:
+        raise CorruptCheckpointError(folder, f"ensemble members must be plain subfolder names; got {bad}")
+    return members
+
+
+def _pin_reason(key: str, pinned: dict, member_meta: dict) -> str | None:
+    want, got = pinned.get("model_sha256"), member_meta.get("model_sha256")
+    if want != got:
+        return (f"member {key} is not the checkpoint the ensemble was built from (sha256 pinned "
+                f"{str(want)[:12]}…, member {str(got)[:12]}…)")
+    return None
+
+
+def _verdict(folder: Path, meta: dict, reasons: list[str], trust_unverified: bool) -> dict:
+    meta.pop("unverified", None)
+    if not reasons:
+        return meta
+    reason = "; ".join(reasons)
+    if not trust_unverified:
+        raise UnverifiedCheckpointError(folder, reason)
+    log.warning("ensemble checkpoint %s is NOT verified (%s); loaded because trust_unverified was given", folder,
+                reason)
+    meta["unverified"] = reason
+    return meta
+
+
+def _verify_ensemble(folder: Path, meta: dict, trust_unverified: bool) -> dict:
+    reasons = []
+    for key, pinned in _members(folder, meta):
+        m = verify_checkpoint(folder / key, trust_unverified=trust_unverified)
+        if m.get("unverified"):
+            reasons.append(f"{key}: {m['unverified']}")
+        if (pin := _pin_reason(key, pinned, m)) is not None:
+            reasons.append(pin)
+    return _verdict(folder, meta, reasons, trust_unverified)
+
+
+def _load_ensemble(folder: Path, trust_unverified: bool):
+    from medtl.models.ensemble import EnsembleClassifier
+
+    meta = read_meta(folder)
+    models, reasons = [], []
+    for key, pinned in _members(folder, meta):
+        model, m = load_checkpoint(folder / key, trust_unverified=trust_unverified)
+        if m.get("unverified"):
+            reasons.append(f"{key}: {m['unverified']}")
+        if (pin := _pin_reason(key, pinned, m)) is not None:
+            reasons.append(pin)
+        models.append(model)
+    meta = _verdict(folder, meta, reasons, trust_unverified)
+    return EnsembleClassifier(models, tta=bool(meta[ENSEMBLE].get("tta", False))).eval(), meta

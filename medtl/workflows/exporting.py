@@ -1,7 +1,9 @@
 """Export a finished run's predictor for deployment: ONNX, TorchScript or a MONAI bundle.
 
 The exported graph is the run's whole predictor: the fold models (or the final model),
-each with its temperature, averaged into class probabilities. Input is the preprocessed
+each with its temperature, averaged into class probabilities. An official-split ensemble
+(``train.ensemble_folds`` > 1) is its one final model, with its members and their flip TTA
+inside the graph (:class:`~medtl.models.ensemble.EnsembleClassifier`). Input is the preprocessed
 scan, ``(B, C, H, W)`` or ``(B, C, D, H, W)`` in [0, 1] (the run's ``data.intensity`` and
 ``data.image_size``, recorded in ``export.json``); output is ``(B, K)`` probabilities.
 Every export is checked against PyTorch on random inputs and the largest absolute
@@ -96,6 +98,10 @@ def export(run_dir: str | Path, fmt: str = "onnx", *, out_dir: str | Path | None
               "output": {"shape": ["B", len(meta["class_names"])], "kind": "probabilities"},
               "threshold": float(np.mean([float(mt.get("threshold", 0.5)) for _, _, mt in loaded])),
               **trust, "medtl_version": __version__, "torch_version": torch.__version__}
+    members = {k: {"members": [m["key"] for m in mt["ensemble"]["members"]], "tta": bool(mt["ensemble"].get("tta"))}
+               for k, _, mt in loaded if mt.get("ensemble")}
+    if members:  # an official-split ensemble: one model of the export, its members inside the graph
+        record["ensemble"] = members
     write_json(out / "export.json", record)
     if not diff <= atol:
         raise MedtlError(f"Exported {fmt} model disagrees with PyTorch: max |diff| {diff:.2e} > atol {atol:.0e}. "

@@ -4,6 +4,9 @@ The same fold driver as cross-validation (:func:`medtl.workflows._folds.fit_fold
 one fold whose training, validation and test cases come from the data's ``split``: the
 epoch (or probe ``C``), temperature and threshold are chosen on ``val``; ``test`` is
 scored once, with patient-bootstrap CIs.
+
+With ``train.ensemble_folds`` k > 1 the run trains a fold ensemble instead, scored as one
+model against each of its members (:mod:`medtl.workflows.ensembles`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,18 @@ from medtl.workflows._folds import (
     track,
     write_plots,
 )
+from medtl.workflows.ensembles import train_ensemble
 from medtl.workflows.trainers import FineTune, LinearProbe
 
 __all__ = ["train"]
 
 
-def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, data: PreparedData | None = None) -> dict:
+def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, data: PreparedData | None = None,
+          resume: bool = True) -> dict:
     """Official-split training; returns the ``metrics.json`` dict (``test``, ``val``, ``history``, ...).
+
+    With ``train.ensemble_folds`` > 1, ``resume`` reuses the ensemble members an earlier run of
+    the same config finished in ``out_dir`` (a single model, k = 1, is always trained again).
 
     Example:
         >>> cfg = medtl.load_config("configs/breastmnist.yaml", ["train.epochs=2"])  # doctest: +SKIP
@@ -46,13 +54,17 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, data: Prep
     """
     t0 = time.time()
     bill = ComputeBill(resolve_device(cfg.train.device), cfg.train.cpu_watts_per_core)
-    run, h, data, progress = start(cfg, out_dir, resume=False, progress=progress, data=data, bill=bill)
+    k = cfg.train.ensemble_folds
+    run, h, data, progress = start(cfg, out_dir, resume=resume and k > 1, progress=progress, data=data, bill=bill)
     trn, val, tst = data.subset("train"), data.subset("val"), data.subset("test")
     if len(trn) == 0 or len(val) == 0 or len(tst) == 0:
         raise DataError(f"Official-split training needs train, val and test cases; found {len(trn)}/{len(val)}/"
                         f"{len(tst)}. Use data.format=medmnist with data.split=official, or a manifest with a "
                         "'split' column (train/val/test); or run `medtl cv` instead.")
     trainer = LinearProbe() if cfg.train.strategy.name == "linear_probe" else FineTune()
+    if k > 1:
+        return train_ensemble(FoldContext(cfg, data, run, h, trainer, None, bill), trn, val, tst, resume=resume,
+                              progress=progress, t0=t0)
     with (progress_bar() if progress else nullcontext()) as bar:
         ctx = FoldContext(cfg, data, run, h, trainer, bar, bill)
         rec, p_val = fit_fold(ctx, "final", trn, val, tst, FoldSeeds(cfg.train.seed, 0, 0), description="train")

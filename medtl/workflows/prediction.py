@@ -5,6 +5,11 @@ the run used ``evaluate.calibration: temperature``), then averaged; the decision
 is the mean of the models' thresholds, each chosen on inner validation data. Preprocessing
 is the run's own (``config.yaml``), so new scans go through exactly what training saw.
 
+An official-split ensemble (``train.ensemble_folds`` > 1) is one model here: its checkpoint
+loads as one :class:`~medtl.models.ensemble.EnsembleClassifier` that averages its members
+with flip TTA inside (``tta`` switches it), with the temperature and threshold chosen for the
+ensemble, so it gives the run's own test probabilities back.
+
 Outputs hold no path or file name (a hospital folder is often named after its patient):
 scans get pseudonymous ids (``scan-0001`` in sorted path order), and the id -> path
 mapping is written only on request, to ``IDENTIFYING_id_map.csv``.
@@ -122,9 +127,13 @@ def predict(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | None
     probs, thresholds, task_outs = [], [], []
     for key, model, meta in models:
         head = MultiTaskHead.from_dict(meta["tasks"]) if meta.get("tasks") else None
+        model = model.to(device)
+        tta_here = use_tta
+        if meta.get("ensemble"):  # the ensemble flips inside, per member, as the run predicted its test cases
+            model.tta, tta_here = bool(use_tta), False
         with bill.stage("prediction"):
             if head is None:
-                p = predict_proba(model, prep.images, device=device, tta=use_tta)
+                p = predict_proba(model, prep.images, device=device, tta=tta_here)
             else:
                 outs = predict_outputs(model, prep.images, head, device=device, tta=use_tta)
                 p = outs[head.primary.name]
@@ -175,6 +184,9 @@ def predict(run_dir: str | Path, data: str | Path, *, out_dir: str | Path | None
               "labelled": labelled, "threshold": threshold, "tta": bool(use_tta), "class_names": names,
               "case_ids": "paths (privacy.reveal_ids)" if reveal and not labelled else "pseudonymous",
               "id_map": id_map, **trust, "seconds": round(time.time() - t0, 1), "compute": bill.as_dict()}
+    members = {k: [m["key"] for m in meta["ensemble"]["members"]] for k, _, meta in models if meta.get("ensemble")}
+    if members:  # an official-split ensemble, predicted as one model
+        record["ensemble_members"] = members
     write_json(out / "predict.json", record)
     return {"n_cases": int(len(idx)), "n_models": len(models), "n_skipped": len(prep.skipped), "metrics": metrics,
             "threshold": threshold, "out_dir": str(out.path), "id_map": id_map, **trust}

@@ -9,6 +9,8 @@ nothing else parses the folder. Layout::
     RUN_DIR/predictions.csv    id, patient_id (pseudonym), site, fold, label, prob_<class>..., pred
     RUN_DIR/folds/<key>.json   one FoldRecord per finished fold (resume)
     RUN_DIR/checkpoints/<key>/ model.safetensors + meta.json (sha256, ModelSpec, preprocessing)
+    RUN_DIR/checkpoints/final/member<i>/  an official-split ensemble's members (train.ensemble_folds > 1);
+                               checkpoints/final/meta.json then pins them and loads as one model
     RUN_DIR/skipped.json       unreadable inputs: case id and reason (paths only with privacy.reveal_ids)
     RUN_DIR/decoded/<key>/     decoded images over data.memory_budget (medtl.data._diskcache; resume reuses them)
     RUN_DIR/.pseudonym_salt    the per-run key of the patient pseudonyms (never shared)
@@ -20,8 +22,9 @@ are manifest rows (``row00007``), MedMNIST indices or, for ``medtl predict`` on 
 does not verify is refused unless ``trust_unverified=True``, which the reading workflow records.
 
 Fold keys: ``fold3`` (k-fold), ``r1fold3`` (repeat 1 of repeated CV), ``site0``
-(leave-one-site-out), ``final`` (official split). A prediction row's ``fold`` column lists
-every model that never saw the case, ``|``-separated (repeated CV: one per repeat).
+(leave-one-site-out), ``final`` (official split), ``member2`` (member 2 of an official-split
+ensemble, inside ``final``). A prediction row's ``fold`` column lists every model that never
+saw the case, ``|``-separated (repeated CV: one per repeat; an ensemble: every member).
 
 Example:
     >>> run = RunDir("runs/ct")                       # doctest: +SKIP
@@ -53,19 +56,22 @@ from medtl.training.checkpoint import (
     ModelSpec,
     load_checkpoint,
     save_checkpoint,
+    save_ensemble_checkpoint,
     verify_checkpoint,
 )
 
 __all__ = ["FoldKey", "FoldRecord", "PredictionRow", "RunDir", "RunMetrics", "redact_skipped"]
 
-_KEY = re.compile(r"^(?:r(?P<repeat>\d+))?fold(?P<fold>\d+)$|^site(?P<site>\d+)$|^(?P<final>final)$")
+_MEMBER = re.compile(r"^member\d+$")
+_KEY = re.compile(r"^(?:r(?P<repeat>\d+))?fold(?P<fold>\d+)$|^site(?P<site>\d+)$|^(?P<final>final)$"
+                  r"|^member(?P<member>\d+)$")
 
 
 @dataclass(frozen=True)
 class FoldKey:
-    """A model's key in the run directory (``fold3``, ``r1fold3``, ``site0``, ``final``)."""
+    """A model's key in the run directory (``fold3``, ``r1fold3``, ``site0``, ``final``, ``member2``)."""
 
-    kind: str  # "fold", "site" or "final"
+    kind: str  # "fold", "site", "final" or "member"
     index: int = 0
     repeat: int | None = None
 
@@ -74,9 +80,11 @@ class FoldKey:
         m = _KEY.match(str(text).strip())
         if m is None:
             raise MedtlError(f"'{text}' is not a fold key of a medtl run; valid keys look like fold3, r1fold3, "
-                             "site0 or final.")
+                             "site0 or final (an ensemble's member: member2).")
         if m["final"]:
             return cls("final")
+        if m["member"] is not None:
+            return cls("member", int(m["member"]))
         if m["site"] is not None:
             return cls("site", int(m["site"]))
         return cls("fold", int(m["fold"]), None if m["repeat"] is None else int(m["repeat"]))
@@ -86,6 +94,8 @@ class FoldKey:
             return "final"
         if self.kind == "site":
             return f"site{self.index}"
+        if self.kind == "member":
+            return f"member{self.index}"
         return f"fold{self.index}" if self.repeat is None else f"r{self.repeat}fold{self.index}"
 
 
@@ -274,6 +284,9 @@ class RunDir:
         return FoldRecord.from_dict(read_json(self.path / "folds" / f"{key}.json"))
 
     def checkpoint(self, key: str | FoldKey) -> Path:
+        """The checkpoint folder of ``key``; an ensemble member's lies inside the ensemble's (``final``)."""
+        if _MEMBER.match(str(key)):
+            return self.path / "checkpoints" / "final" / str(key)
         return self.path / "checkpoints" / str(key)
 
     def checkpoint_meta(self, cfg: Config, spec: ModelSpec, class_names: list[str], h: str, **extra) -> dict:
@@ -285,6 +298,20 @@ class RunDir:
 
     def save_model(self, key: str | FoldKey, model, meta: dict) -> Path:
         return save_checkpoint(model, self.checkpoint(key), meta)
+
+    def save_ensemble(self, members: list[str], meta: dict, *, tta: bool) -> Path:
+        """``checkpoints/final/meta.json`` of the official-split ensemble over its finished members
+        (``checkpoints/final/member<i>/``), each verified and pinned by sha256
+        (:func:`~medtl.training.checkpoint.save_ensemble_checkpoint`); loads as one model."""
+        return save_ensemble_checkpoint(self.checkpoint("final"), list(members), meta, tta=tta)
+
+    def drop_final_model(self) -> None:
+        """Remove ``checkpoints/final``'s own ``meta.json`` and weights (member folders stay): an
+        ensemble run starting in a folder that holds an earlier final model must not leave that
+        model loadable while its members train. The ensemble's ``meta.json`` is written last."""
+        folder = self.checkpoint("final")
+        for name in ("meta.json", "model.safetensors"):
+            (folder / name).unlink(missing_ok=True)
 
     def write_predictions(self, rows: list[PredictionRow], class_names: list[str]) -> Path:
         buf = io.StringIO()
@@ -368,6 +395,7 @@ class RunDir:
         return rec
 
     def model_keys(self) -> list[str]:
+        """The run's models: one key per checkpoint folder (an ensemble's members are inside ``final``)."""
         return sorted(p.parent.name for p in (self.path / "checkpoints").glob("*/meta.json"))
 
     def load_model(self, key: str | FoldKey, *, trust_unverified: bool = False):
@@ -380,7 +408,8 @@ class RunDir:
         return load_checkpoint(self.checkpoint(key), trust_unverified=trust_unverified)
 
     def load_models(self, *, trust_unverified: bool = False) -> list[tuple[str, object, dict]]:
-        """``[(key, model, meta)]`` for every checkpoint of the run (the fold ensemble, or the final model)."""
+        """``[(key, model, meta)]`` for every checkpoint of the run (the fold ensemble, or the final model;
+        an official-split ensemble is one ``final`` model, an :class:`~medtl.models.ensemble.EnsembleClassifier`)."""
         keys = self.model_keys()
         if not keys:
             raise MedtlError(f"No checkpoints under '{self.path / 'checkpoints'}'. The run did not finish any fold; "
