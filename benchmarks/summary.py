@@ -33,7 +33,7 @@ LINK = "../"  # links are written for docs/benchmarks.md
 README_ONLY = [
     ("benchmarks/README.md", "offline demo (`bash benchmarks/run_demo.sh`) and CT contrast 5-fold CV "
                              "(`bash benchmarks/run_ct_contrast.sh`), `medtl explain` on that run"),
-    ("benchmarks/breastmnist/README.md", "BreastMNIST official split, ImageNet vs random init, 12 and 20 epochs"),
+    ("benchmarks/breastmnist/README.md", "BreastMNIST official split, ImageNet vs random init, 12 and 20 epochs; MobileNetV2 with its recipe"),
     ("benchmarks/adrenalmnist3d/README.md", "AdrenalMNIST3D official split: inflated vs ACS vs random-init 3D encoders"),
     ("benchmarks/linear_probe/README.md", "linear probe on frozen features, BreastMNIST 5-fold CV, cold and warm cache"),
     ("benchmarks/domain_adaptation/README.md", "BreastMNIST with a simulated new scanner: source-only vs AdaBN, "
@@ -41,6 +41,9 @@ README_ONLY = [
     ("benchmarks/rank/README.md", "`medtl rank` scores vs fine-tuned test AUC over five encoders"),
     ("benchmarks/load/README.md", "5,000 DICOM files of 1,250 patients through `medtl cv`: wall time, peak RSS"),
     ("benchmarks/saliency/README.md", "saliency maps per second, batched vs one Captum call per image"),
+    ("benchmarks/ensemble/README.md", "BreastMNIST official split: one model vs 3- and 5-member fold ensembles"),
+    ("benchmarks/search/README.md", "nested CV's inner search: grid vs Optuna (with and without pruning)"),
+    ("benchmarks/auto/README.md", "`medtl auto` on BreastMNIST: the plan, its time budget and test AUC"),
 ]
 # What the sections below are read from; each folder's README describes the method.
 METHOD_READMES = {
