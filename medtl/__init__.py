@@ -23,6 +23,7 @@ from medtl.models import create_encoder, get_record, list_records
 from medtl.workflows import (
     RunDir,
     audit,
+    auto,
     compare,
     cross_validate,
     curve,
@@ -46,6 +47,7 @@ __all__ = [
     "UnreadableFileError",
     "WeightsError",
     "audit",
+    "auto",
     "compare",
     "continual",
     "create_encoder",

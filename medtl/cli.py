@@ -12,6 +12,7 @@
     medtl export RUN_DIR --format F             onnx | torchscript | monai-bundle, checked against PyTorch
     medtl compare RUN_A RUN_B                   paired DeLong test on the common cases, and both compute bills
     medtl rank CONFIG --candidates A,B,C        score encoders on your data without fine-tuning
+    medtl auto DATA --out DIR [--budget MIN]    plan a run from the data (plan.yaml), then run it
     medtl weights list | show NAME | verify NAME
 
 User errors (bad config, data or weights; a full disk or a read-only output folder; a
@@ -111,13 +112,16 @@ def _os_error_message(err: OSError) -> str | None:
 
 @app.command()
 def train(config: Annotated[Path, typer.Argument(help="YAML config, e.g. configs/breastmnist.yaml")],
-          out: OutOpt = Path("runs/train"), set_: SetOpt = None, quiet: QuietOpt = False) -> None:
-    """Official split: train on train, select the best epoch on val, report on test with CIs."""
+          out: OutOpt = Path("runs/train"), set_: SetOpt = None, quiet: QuietOpt = False,
+          resume: Annotated[bool, typer.Option(help="train.ensemble_folds > 1: reuse ensemble members finished by "
+                                               "an earlier run in --out.")] = True) -> None:
+    """Official split: train on train, select the best epoch on val, report on test with CIs
+    (train.ensemble_folds > 1: a fold ensemble of k models, scored against each member)."""
     from medtl.config import load_config
     from medtl.workflows import train as train_workflow
 
     cfg = load_config(config, set_)
-    train_workflow(cfg, out, progress=not quiet)
+    train_workflow(cfg, out, progress=not quiet, resume=resume)
     console.print(f"wrote {out}/metrics.json, predictions.csv, roc.png, confusion.png, checkpoints/")
 
 
@@ -241,6 +245,28 @@ def rank(config: Annotated[Path, typer.Argument(help="YAML config describing you
 
     cfg = load_config(config, set_)
     rank_workflow(cfg, [c.strip() for c in candidates.split(",") if c.strip()], out_dir=out, progress=not quiet)
+
+
+@app.command()
+def auto(data: Annotated[Path, typer.Argument(help="A MedMNIST .npz, a manifest CSV (path,label,patient_id), a "
+                                              "folder of scans (with --labels or labels.csv inside) or a YAML config.")],
+         out: OutOpt = Path("runs/auto"),
+         budget: Annotated[float, typer.Option("--budget", "-b", help="Minutes for everything: planning, training "
+                                               "and evaluation.")] = 20.0,
+         labels: Annotated[Optional[Path], typer.Option("--labels", help="Label CSV of a folder DATA (columns file, "
+                                                        "label; optional patient_id, site).")] = None,
+         plan_only: Annotated[bool, typer.Option("--plan-only", help="Stop after writing plan.yaml.")] = False,
+         quiet: QuietOpt = False) -> None:
+    """Configure a run from the data (fingerprint, timing probe, encoder ranking), write DIR/plan.yaml with a
+    comment per choice, then run it into DIR within --budget minutes. Rerun or edit: medtl train|cv DIR/plan.yaml."""
+    from medtl.workflows import auto as auto_workflow
+
+    res = auto_workflow(data, out, budget=budget, labels=labels, plan_only=plan_only, progress=not quiet)
+    if not plan_only:
+        console.print(f"wrote {out}/plan.yaml, fingerprint.json, auto.json, metrics.json, predictions.csv, "
+                      "checkpoints/", highlight=False)
+    elif res["plan"]["notes"]:
+        console.print(f"{len(res['plan']['notes'])} note(s) in {out}/plan.yaml", highlight=False)
 
 
 @app.command()

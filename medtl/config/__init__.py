@@ -72,6 +72,7 @@ from medtl.config._choices import (  # noqa: F401  (the Literal aliases are impo
     WindowPreset,
 )
 from medtl.config._loading import apply_overrides, config_hash, config_yaml, dump_config, load_config
+from medtl.config._recipes import fill_recipe, register_recipe_lookup
 from medtl.config._memory import (
     MAX_BOOTSTRAP,
     MAX_CONFIG_BYTES,
@@ -107,6 +108,8 @@ from medtl.config._schema import (
 
 __all__ = [
     "Config",
+    "fill_recipe",
+    "register_recipe_lookup",
     "DataConfig",
     "LabelsConfig",
     "IntensityConfig",

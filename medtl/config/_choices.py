@@ -24,6 +24,9 @@ AmpMode = Literal["auto", "on", "off"]
 Device = Literal["auto", "cpu", "cuda"]
 CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 CVScheme = Literal["kfold", "repeated", "nested", "leave_one_site_out"]
+SearchMethod = Literal["grid", "optuna"]
+SearchKind = Literal["float", "int", "categorical"]
+SearchPruner = Literal["none", "median", "successive_halving"]
 ThresholdRule = Literal["fixed", "youden_val", "sensitivity_val"]
 Calibration = Literal["none", "temperature"]
 ExplainMethod = Literal["gradcam", "guided_gradcam", "ig", "gradient_shap", "occlusion", "smoothgrad"]
@@ -32,6 +35,9 @@ CurveStrategy = Literal["linear_probe", "prototype", "finetune"]
 CurveMetric = Literal["auc", "acc", "balanced_acc", "sensitivity", "specificity", "f1"]
 TaskKind = Literal["binary", "multiclass", "multilabel", "regression"]
 TaskWeighting = Literal["fixed", "uncertainty"]
+TaskGating = Literal["off", "validation"]
+RegressionLoss = Literal["mse", "huber"]
+RegressionRefit = Literal["none", "ridge"]
 ContinualMethod = Literal["naive", "ewc", "replay", "joint"]
 ReplayPolicy = Literal["class_balanced", "reservoir"]
 
@@ -55,6 +61,10 @@ AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 DEVICES: tuple[str, ...] = get_args(Device)
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 CV_SCHEMES: tuple[str, ...] = get_args(CVScheme)
+#: nested CV's inner search (``cv.search``), the kinds of an Optuna search dimension, and its pruners
+SEARCH_METHODS: tuple[str, ...] = get_args(SearchMethod)
+SEARCH_KINDS: tuple[str, ...] = get_args(SearchKind)
+SEARCH_PRUNERS: tuple[str, ...] = get_args(SearchPruner)
 THRESHOLD_RULES: tuple[str, ...] = get_args(ThresholdRule)
 CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 EXPLAIN_METHODS: tuple[str, ...] = get_args(ExplainMethod)
@@ -63,6 +73,11 @@ CURVE_STRATEGIES: tuple[str, ...] = get_args(CurveStrategy)
 CURVE_METRICS: tuple[str, ...] = get_args(CurveMetric)
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
 TASK_WEIGHTINGS: tuple[str, ...] = get_args(TaskWeighting)
+#: how much each non-primary head's gradient reaches the shared encoder (``train.task_gating``)
+TASK_GATINGS: tuple[str, ...] = get_args(TaskGating)
+#: a regression task's head loss (``tasks[].loss``) and its refit after fine-tuning (``tasks[].refit``)
+REGRESSION_LOSSES: tuple[str, ...] = get_args(RegressionLoss)
+REGRESSION_REFITS: tuple[str, ...] = get_args(RegressionRefit)
 CONTINUAL_METHODS: tuple[str, ...] = get_args(ContinualMethod)
 REPLAY_POLICIES: tuple[str, ...] = get_args(ReplayPolicy)
 

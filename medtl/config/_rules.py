@@ -11,7 +11,7 @@ from pydantic import (
 
 from medtl.config._choices import WINDOW_PRESETS
 from medtl.config._memory import _budget_text, format_bytes, memory_budget_bytes
-from medtl.config._schema import _CHECKS, Config, _dotted_keys, _models_in
+from medtl.config._schema import _CHECKS, Config, _dotted_keys, _models_in, search_value
 from medtl.errors import did_you_mean
 
 # -- rules that span several fields (checked on every Config) -----------------------------------
@@ -121,7 +121,8 @@ def _probe_class_weights(cfg: Config) -> Iterator[str]:
 @_rule
 def _cv_scheme(cfg: Config) -> Iterator[str]:
     """`cv.n_repeats` > 1 needs `cv.scheme: repeated` (and `repeated` needs >= 2); `nested` needs
-    a `cv.grid`, and a grid needs `nested` (it wraps any trainer, `linear_probe` included).
+    a `cv.grid` (or `cv.search: optuna`), and a grid needs `nested` (it wraps any trainer,
+    `linear_probe` included).
     """
     cv = cfg.cv
     if cv.scheme != "repeated" and cv.n_repeats != 1:
@@ -130,9 +131,10 @@ def _cv_scheme(cfg: Config) -> Iterator[str]:
     if cv.scheme == "repeated" and cv.n_repeats < 2:
         yield (f"The 'n_repeats' parameter of cv.scheme=repeated must be an int >= 2. Got {cv.n_repeats} instead. "
                "Set e.g. cv.n_repeats=3, or use cv.scheme=kfold.")
-    if cv.scheme == "nested" and not cv.grid:
-        yield ("cv.scheme=nested needs a cv.grid, e.g. `--set 'cv.grid={\"train.lr\": [3e-4, 1e-3]}'`. Got an "
-               "empty grid. Without a grid there is nothing for the inner loop to choose; use cv.scheme=kfold.")
+    if cv.scheme == "nested" and cv.search == "grid" and not cv.grid:
+        yield ("cv.scheme=nested needs a cv.grid, e.g. `--set 'cv.grid={\"train.lr\": [3e-4, 1e-3]}'` (or "
+               "cv.search=optuna with a cv.search_space). Got an empty grid. Without a grid there is nothing for the "
+               "inner loop to choose; use cv.scheme=kfold.")
     if cv.grid and cv.scheme != "nested":
         yield (f"cv.grid only applies to cv.scheme=nested. Got cv.scheme={cv.scheme} with a grid over "
                f"{sorted(cv.grid)}. Set cv.scheme=nested, or drop the grid (--set 'cv.grid={{}}').")
@@ -157,36 +159,93 @@ def _grid_keys(cfg: Config) -> Iterator[str]:
             yield problem
 
 
-def _grid_key_problem(key: str) -> str | None:
-    """Why ``key`` cannot be a nested-CV grid key, or ``None``."""
+def _grid_key_problem(key: str, label: str = "cv.grid key") -> str | None:
+    """Why ``key`` cannot be a nested-CV grid key (or, with ``label``, a search-space key), or ``None``."""
     parts = key.split(".")
     if parts[0] not in _GRID_SECTIONS:
         section = parts[0] if parts[0] in Config.model_fields else None
         if section is None:
             hint = did_you_mean(key, _dotted_keys())
-            return (f"cv.grid key '{key}' is not a config key.{hint} Grid keys are dotted keys under "
+            return (f"{label} '{key}' is not a config key.{hint} Grid keys are dotted keys under "
                     f"{', '.join(_GRID_SECTIONS)}, e.g. 'train.lr'.")
-        return (f"cv.grid key '{key}' cannot be searched: the inner CV reuses the decoded images and the "
+        return (f"{label} '{key}' cannot be searched: the inner CV reuses the decoded images and the "
                 f"outer scoring settings, so only keys under {', '.join(_GRID_SECTIONS)} take effect. Got a key "
                 f"under '{section}'.")
     anns: list = [Config]
     for depth, part in enumerate(parts):
         models = [m for a in anns for m in _models_in(a)]
         if not models:
-            return (f"cv.grid key '{key}' goes below '{'.'.join(parts[:depth])}', which is a value, not a "
+            return (f"{label} '{key}' goes below '{'.'.join(parts[:depth])}', which is a value, not a "
                     f"section. Use '{'.'.join(parts[:depth])}'.")
         anns = [m.model_fields[part].annotation for m in models if part in m.model_fields]
         if not anns:
             prefix = ".".join(parts[:depth])
             valid = sorted({f for m in models for f in m.model_fields})
             hint = did_you_mean(key, [f"{prefix}.{f}" if prefix else f for f in valid])
-            return (f"cv.grid key '{key}' is not a config key.{hint} Valid keys under '{prefix}': "
+            return (f"{label} '{key}' is not a config key.{hint} Valid keys under '{prefix}': "
                     f"{', '.join(valid)}.")
     if any(_models_in(a) for a in anns):
         model = next(m for a in anns for m in _models_in(a))
-        return (f"cv.grid key '{key}' names a section, not a value. Name a key inside it, e.g. "
+        return (f"{label} '{key}' names a section, not a value. Name a key inside it, e.g. "
                 f"'{key}.{next(iter(model.model_fields))}'.")
     return None
+
+
+@_rule
+def _search(cfg: Config) -> Iterator[str]:
+    """`cv.search: optuna` needs `cv.scheme: nested` and a `cv.search_space` (not a `cv.grid`), and
+    a search space needs `optuna`. Each dimension names a `train.*`, `model.*` or `adapt.*` key
+    once; `float` and `int` take `low` < `high` (integers for `int`; `log` needs `low` > 0) and
+    no `choices`; `categorical` takes `choices` and no range.
+    """
+    cv = cfg.cv
+    if cv.search == "optuna":
+        if cv.scheme != "nested":
+            yield (f"cv.search=optuna searches inside the inner folds of nested CV. Got cv.scheme={cv.scheme}. "
+                   "Set cv.scheme=nested.")
+        if not cv.search_space:
+            yield ("cv.search=optuna needs a cv.search_space, e.g. `--set 'cv.search_space=[{key: train.lr, kind: "
+                   "float, low: 1e-5, high: 1e-2, log: true}]'`. Got an empty list.")
+        if cv.grid:
+            yield (f"cv.grid is the search space of cv.search=grid; with cv.search=optuna give cv.search_space "
+                   f"instead. Got a grid over {sorted(cv.grid)}. Drop the grid (--set 'cv.grid={{}}').")
+    elif cv.search_space:
+        yield (f"cv.search_space only applies to cv.search=optuna. Got cv.search={cv.search}. Set "
+               "cv.search=optuna, or drop the search space (--set 'cv.search_space=[]').")
+    keys = [p.key for p in cv.search_space]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        yield f"cv.search_space must name each key once. Got {keys} ({', '.join(repeated)} repeated)."
+    for p in cv.search_space:
+        problem = _grid_key_problem(p.key, "cv.search_space key")
+        if problem:
+            yield problem
+        where = f"cv.search_space '{p.key}' (kind {p.kind})"
+        if p.kind == "categorical":
+            if not p.choices or p.low is not None or p.high is not None or p.log:
+                yield (f"{where} takes `choices` and no low/high/log. Got choices={p.choices!r}, low={p.low!r}, "
+                       f"high={p.high!r}, log={p.log}. Set e.g. choices: [false, true].")
+            continue
+        if p.choices is not None or p.low is None or p.high is None:
+            yield (f"{where} takes `low` and `high` and no choices. Got low={p.low!r}, high={p.high!r}, "
+                   f"choices={p.choices!r}. Set e.g. low: 1e-5, high: 1e-2.")
+            continue
+        if not p.low < p.high:
+            yield f"{where}: low must be below high. Got low={p.low}, high={p.high} instead."
+        if p.kind == "int" and not (float(p.low).is_integer() and float(p.high).is_integer()):
+            yield f"{where}: low and high must be integers. Got low={p.low}, high={p.high} instead."
+        if p.log and p.low <= 0:
+            yield f"{where}: log: true needs low > 0. Got low={p.low} instead."
+
+
+def _search_values(cfg: Config) -> Iterator[tuple[str, str, object]]:
+    """``(label, key, config value)`` of every value the config's grid or search space may set."""
+    for key in sorted(cfg.cv.grid):
+        for value in cfg.cv.grid[key]:
+            yield f"cv.grid['{key}']", key, search_value(key, value)
+    for p in cfg.cv.search_space:
+        for value in (p.choices if p.kind == "categorical" else [p.low, p.high]):
+            yield f"cv.search_space '{p.key}'", p.key, p.config_value(int(value) if p.kind == "int" else value)
 
 
 @_rule
@@ -286,6 +345,10 @@ def _tasks(cfg: Config) -> Iterator[str]:
                        "more classes.")
             elif len(set(t.class_names)) != len(t.class_names):
                 yield f"{where}: class_names must be distinct. Got {t.class_names}."
+        for key in ("loss", "refit"):
+            if getattr(t, key) is not None and t.kind != "regression":
+                yield (f"{where}: {key}={getattr(t, key)} applies to regression tasks only (classification heads are "
+                       f"trained with cross-entropy and kept as trained). Drop {key}.")
     first = tasks[0]
     if cfg.data.class_names and first.class_names and list(cfg.data.class_names) != list(first.class_names):
         yield (f"data.class_names={list(cfg.data.class_names)} and tasks[0].class_names={list(first.class_names)} "
@@ -312,31 +375,45 @@ def _continual(cfg: Config) -> Iterator[str]:
                    "Drop the repeats.")
 
 
+@_rule
+def _ensemble(cfg: Config) -> Iterator[str]:
+    """`train.ensemble_folds` > 1 needs a fine-tuning strategy (not `linear_probe`) and no `tasks`."""
+    k = cfg.train.ensemble_folds
+    if k <= 1:
+        return
+    if cfg.tasks:
+        yield (f"train.ensemble_folds={k} averages the class probabilities of one classifier per member; multi-task "
+               "runs (tasks) are not supported. Set train.ensemble_folds=1, or drop the tasks.")
+    if cfg.train.strategy.name == "linear_probe":
+        yield (f"train.ensemble_folds={k} trains one model per fold, but a linear probe fits its head on the "
+               "training and selection cases together, so every member would be the same probe on the whole train "
+               "split. Pick a fine-tuning strategy (finetune, llrd, partial, ...), or train.ensemble_folds=1.")
+
+
 # -- checks after the rules: grid values (once the keys are sound), optional packages -------
 def _grid_value_problems(cfg: Config) -> Iterator[str]:
-    """Every `cv.grid` value is valid for its key: the config with that value applied passes
-    every check.
+    """Every `cv.grid` value (and `cv.search_space` bound or choice) is valid for its key: the
+    config with that value applied passes every check.
     """
-    for key in sorted(cfg.cv.grid):
-        for value in cfg.cv.grid[key]:
-            raw = cfg.model_dump()
-            raw["cv"].update(scheme="kfold", grid={}, n_repeats=1)
-            node = raw
-            parts = key.split(".")
-            for part in parts[:-1]:
-                if not isinstance(node.get(part), dict):
-                    node[part] = {}
-                node = node[part]
-            node[parts[-1]] = value
-            try:
-                Config.model_validate(raw, context={"check_dependencies": False})
-            except ValidationError as err:
-                for e in err.errors():
-                    if e["type"] == "config_rule":
-                        why = e["msg"].replace("\n", " ")
-                    else:
-                        why = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                    yield f"cv.grid['{key}'] value {value!r} is not valid: {why}"
+    for label, key, value in _search_values(cfg):
+        raw = cfg.model_dump()
+        raw["cv"].update(scheme="kfold", grid={}, search="grid", search_space=[], n_repeats=1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        try:
+            Config.model_validate(raw, context={"check_dependencies": False})
+        except ValidationError as err:
+            for e in err.errors():
+                if e["type"] == "config_rule":
+                    why = e["msg"].replace("\n", " ")
+                else:
+                    why = f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                yield f"{label} value {value!r} is not valid: {why}"
 
 
 def _memory_problems(cfg: Config, *, machine: bool = True) -> list[str]:
@@ -377,20 +454,29 @@ def _module_available(name: str) -> bool:
 
 
 def _dependency_problems(cfg: Config) -> list[str]:
-    """`tracking: mlflow` needs the `mlflow` package (`pip install 'medtl[tracking]'`); checked
-    on load, not after training.
+    """`tracking: mlflow` needs the `mlflow` package (`pip install 'medtl[tracking]'`) and
+    `cv.search: optuna` the `optuna` package (`pip install 'medtl[search]'`); checked on load, not
+    after training.
     """
+    problems = []
     if cfg.tracking == "mlflow" and not _module_available("mlflow"):
-        return ["tracking=mlflow needs the 'mlflow' package, which is not installed. Install it with "
-                "pip install 'medtl[tracking]' (or mlflow-skinny), or set tracking=none."]
-    return []
+        problems.append("tracking=mlflow needs the 'mlflow' package, which is not installed. Install it with "
+                        "pip install 'medtl[tracking]' (or mlflow-skinny), or set tracking=none.")
+    if cfg.cv.search == "optuna" and not _module_available("optuna"):
+        problems.append(OPTUNA_MISSING)
+    return problems
+
+
+#: the one message for a missing Optuna (on config load, and from ``medtl.workflows.search`` when used)
+OPTUNA_MISSING = ("cv.search=optuna needs the 'optuna' package, which is not installed. Install it with "
+                  "pip install 'medtl[search]' (or pip install 'optuna>=3'), or set cv.search=grid.")
 
 
 def check_all(cfg: Config, context: dict) -> list[str]:
     """Every rule in ``_RULES``, then the grid values, the memory budget and (unless the context
     says ``check_dependencies: False``) the optional packages."""
     problems = [p for rule in _RULES for p in rule(cfg)]
-    if not problems and cfg.cv.grid:
+    if not problems and (cfg.cv.grid or cfg.cv.search_space):
         problems = list(_grid_value_problems(cfg))
     problems += _memory_problems(cfg, machine=context.get("check_dependencies", True))
     if context.get("check_dependencies", True):

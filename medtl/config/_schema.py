@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -39,10 +40,16 @@ from medtl.config._choices import (
     IntensityMode,
     OnError,
     ProbeHead,
+    RegressionLoss,
+    RegressionRefit,
     ReplayPolicy,
     Scheduler,
+    SearchKind,
+    SearchMethod,
+    SearchPruner,
     SelectMetric,
     StrategyName,
+    TaskGating,
     TaskKind,
     TaskWeighting,
     ThresholdRule,
@@ -229,6 +236,9 @@ class ModelConfig(_Strict):
         "encoder, pooled over depth), `channels` (slices as input channels, 2.5D)"))
     layout: Literal["auto"] | WeightLayout = Field(
         "auto", description="key layout of model.weights_path (auto: detected from the keys)")
+    recipe: bool = Field(True, description=(
+        "fill the train keys this config leaves unset from the weight record's measured recipe (`medtl weights "
+        "show NAME`; docs/models.md); false: the schema defaults"))
 
 
 class StrategyConfig(_Strict):
@@ -316,6 +326,11 @@ class TrainConfig(_Strict):
         "cannot be read (default: TDP per core of an Intel Xeon Gold 6248, 150 W / 20 cores)"))
     seed: int = Field(0, description="seed of initialisation, augmentation and batch order")
     tta: bool = Field(True, description="average with the horizontally flipped image at prediction time")
+    ensemble_folds: int = Field(1, ge=1, le=20, description=(
+        "`medtl train` only (`medtl cv` ignores it: its fold models are already an ensemble). k > 1: k models, "
+        "each trained on k-1 patient-grouped stratified folds of the train split and selecting its epoch on the "
+        "remaining one; they predict as one model, the mean of their probabilities (flip TTA inside with "
+        "train.tta). The val split chooses the ensemble's temperature and threshold. 1: one model"))
     ema: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "exponential moving average of the weights, decay per step (0 = off; e.g. 0.99). Validation, "
         "best-epoch selection and the returned model use the averaged weights (timm ModelEmaV3, with "
@@ -329,6 +344,12 @@ class TrainConfig(_Strict):
     task_weighting: TaskWeighting = Field("fixed", description=(
         "multi-task loss: `fixed` (each task's `weight`) or `uncertainty` (Kendall et al. 2018: a learned "
         "log-variance per task, trained with the model; the learned weights are reported)"))
+    task_gating: TaskGating = Field("validation", description=(
+        "multi-task runs: how much each non-primary task's gradient reaches the shared encoder (its head always "
+        "learns at full rate). `validation`: none in the first epoch, then each epoch the task's skill on the fold's "
+        "validation cases in the epoch before, 1 - loss / loss of the training prior (R² for a regression task), "
+        "held to [0, 1], so a task the network cannot predict on held-out cases does not move the encoder the "
+        "primary task depends on; `off`: all of it, scaled only by the task's weight"))
 
     @field_validator("amp", "compile", mode="before")
     @classmethod
@@ -339,20 +360,71 @@ class TrainConfig(_Strict):
         return v
 
 
+class SearchParam(_Strict):
+    """One dimension of nested CV's Optuna search (``cv.search: optuna``): a dotted ``train.*``,
+    ``model.*`` or ``adapt.*`` key and the values tried, a range (``float``, ``int``) or a list
+    (``categorical``)."""
+
+    key: str = Field(..., description=(
+        "the dotted config key searched, e.g. train.lr (train, model or adapt keys; a list-valued key such as "
+        "train.strategy.probe_C is given a one-value list)"))
+    kind: SearchKind = Field(..., description=(
+        "`float` or `int`: a value in [low, high]; `categorical`: one of choices"))
+    low: int | float | None = Field(None, description="float, int: the smallest value")
+    high: int | float | None = Field(None, description="float, int: the largest value")
+    log: bool = Field(False, description="float, int: sample on a log scale (needs low > 0)")
+    choices: list[bool | int | float | str] | None = Field(None, min_length=1, description=(
+        "categorical: the values tried"))
+
+    def config_value(self, value: Any) -> Any:
+        """``value`` as the config key takes it (:func:`search_value`)."""
+        return search_value(self.key, value)
+
+
+def search_value(key: str, value: Any) -> Any:
+    """``value`` as the dotted config ``key`` takes it: a list-valued key (``train.strategy.probe_C``)
+    gets ``[value]``, so one nested-CV grid point or search trial sets one value there."""
+    anns: list = [Config]
+    for part in key.split("."):
+        anns = [b for a in anns for b in _step(a, part)]
+    return [value] if any(get_origin(a) is list for ann in anns for a in _alternatives(ann)) else value
+
+
 class CVConfig(_Strict):
     """``kfold``: patient-grouped stratified k-fold; ``repeated``: ``n_repeats`` x k-fold with
-    different shuffles; ``nested``: an inner grouped k-fold picks the ``grid`` point;
+    different shuffles; ``nested``: an inner grouped k-fold picks the ``grid`` point (or, with
+    ``search: optuna``, the best of ``n_trials`` Optuna trials over ``search_space``);
     ``leave_one_site_out``: one fold per site (needs the ``site`` column)."""
 
     scheme: CVScheme = Field("kfold", description=(
-        "`repeated`: n_repeats x k-fold; `nested`: an inner CV picks the cv.grid point; "
+        "`repeated`: n_repeats x k-fold; `nested`: an inner CV picks the cv.grid point (or runs cv.search: optuna); "
         "`leave_one_site_out`: one fold per site (needs a site column)"))
     n_splits: int = Field(5, ge=2, description="outer folds")
     n_repeats: int = Field(1, ge=1, description="repeated: how many reshuffled k-fold runs (other schemes: 1)")
     inner_splits: int = Field(3, ge=2, description="nested CV and linear_probe: inner grouped folds")
     grid: dict[str, list[bool | int | float | str]] = Field(
         default_factory=dict, description=(
-            "nested CV grid, dotted train/model/adapt keys, e.g. {'train.lr': [3e-4, 1e-3]}"))
+            "nested CV grid, dotted train/model/adapt keys, e.g. {'train.lr': [3e-4, 1e-3]}; a list-valued key "
+            "takes one value per point, e.g. {'train.strategy.probe_C': [0.01, 0.1]}"))
+    search: SearchMethod = Field("grid", description=(
+        "nested CV's inner search: `grid` scores every cv.grid point; `optuna`: cv.n_trials Optuna trials (TPE "
+        "sampler, pruned after each inner fold) over cv.search_space, stored in <run>/search/ so a killed run "
+        "resumes (pip install 'medtl[search]')"))
+    search_space: list[SearchParam] = Field(default_factory=list, description=(
+        "search: optuna: the dimensions, each `{key, kind: float | int | categorical, low, high, log, choices}`, "
+        "e.g. [{key: train.lr, kind: float, low: 1e-5, high: 1e-2, log: true}]"))
+    n_trials: int = Field(20, ge=1, description=(
+        "search: optuna: trials per outer fold that ran to the end or were pruned (failed ones, whose score was "
+        "undefined on every inner fold, do not count; the search stops after this many failures)"))
+    n_startup_trials: int = Field(5, ge=1, description=(
+        "search: optuna: trials sampled at random before TPE models the space, and completed before the median "
+        "pruner stops any"))
+    search_timeout: float | None = Field(None, gt=0, description=(
+        "search: optuna: stop starting trials once the fold's trials took this many seconds (the trial count then "
+        "depends on the machine's speed); null: no limit"))
+    pruner: SearchPruner = Field("median", description=(
+        "search: optuna: stop a trial after an inner fold when its running mean score is worse than the `median` "
+        "of earlier trials there, or by `successive_halving` (asynchronous); `none`: every trial runs every fold"))
     val_fraction: float = Field(0.2, gt=0.0, lt=0.5, description=(
         "share of each training fold's patients held out for validation (epoch, temperature, threshold)"))
     seed: int = Field(0, description="seed of the fold assignment")
@@ -421,6 +493,15 @@ class TaskConfig(_Strict):
         "binary, multiclass: class order (index 1 is the positive class); null: the sorted labels"))
     weight: float = Field(1.0, ge=0.0, description=(
         "loss weight with train.task_weighting: fixed (the starting weight is 1 with uncertainty)"))
+    loss: RegressionLoss | None = Field(None, description=(
+        "regression only: the head's loss on the training-fold standardised target, `huber` (squared error "
+        "within one SD, linear beyond, so an outlying target cannot dominate the shared encoder's gradient) or "
+        "`mse`; null: huber"))
+    refit: RegressionRefit | None = Field(None, description=(
+        "regression only: `ridge` refits the head after fine-tuning on the frozen encoder's features of the "
+        "fold's training patients (scikit-learn ridge, its penalty chosen by patient-grouped inner CV on them; "
+        "a head without signal falls back to the training mean), `none` keeps the trained head (shrunk on the "
+        "validation cases); null: ridge"))
 
 
 class CurveConfig(_Strict):
@@ -529,9 +610,19 @@ class Config(_Strict):
                                        description="learning across sites in sequence (`medtl continual`)")
     tasks: list[TaskConfig] | None = Field(None, min_length=1, description=(
         "multi-task run: one encoder, one named head per task, each `{name, kind: binary | multiclass | "
-        "multilabel | regression, column (multilabel: columns), class_names, weight}`; the first is the primary "
-        "task and replaces the label column and data.class_names; empty cells are missing labels, masked out of "
-        "the loss and the metrics (docs/multitask.md); null: one task from the label column"))
+        "multilabel | regression, column (multilabel: columns), class_names, weight; regression: loss, refit}`; the "
+        "first is the primary task and replaces the label column and data.class_names; empty cells are missing "
+        "labels, masked out of the loss and the metrics (docs/multitask.md); null: one task from the label column"))
+
+    # what load_config filled from the weight record's recipe (medtl.config._recipes.fill_recipe); not a key
+    _recipe: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def recipe_applied(self) -> dict[str, Any]:
+        """``{"source": record, "settings": {key: value filled}, "kept": [keys the config set]}`` from
+        :func:`medtl.config.load_config`, or ``{}`` (no recipe, ``model.recipe: false``, or a Config
+        built without load_config)."""
+        return dict(self._recipe)
 
     @model_validator(mode="after")
     def _check_rules(self, info: ValidationInfo) -> Config:
@@ -553,7 +644,7 @@ class Config(_Strict):
 _SECTIONS: tuple[type[BaseModel], ...] = (Config, DataConfig, LabelsConfig, IntensityConfig, WindowSpec, ModelConfig,
                                           TrainConfig, AugmentConfig, StrategyConfig, CVConfig, EvalConfig,
                                           ExplainConfig, PrivacyConfig, DomainAdaptConfig, TaskConfig, CurveConfig,
-                                          ContinualConfig)
+                                          ContinualConfig, SearchParam)
 
 # Whole-config checks, run by Config's validator; medtl.config._rules registers them when the
 # package is imported (a hook, so the rules can walk the schema without an import cycle).

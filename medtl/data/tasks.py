@@ -7,6 +7,10 @@ label is missing (an empty cell, ``nan``, ``na``, ``none``, ``null``):
 * ``multilabel``: ``(N, L)`` 0/1, one column per label (``class_names`` are the label columns);
 * ``regression``: ``(N,)`` the value as written.
 
+A regression task also carries how its head is trained (``loss``, default ``huber``) and whether
+it is refitted on the fine-tuned encoder's frozen features afterwards (``refit``, default ``ridge``);
+a config's ``null`` resolves to these defaults here, in one place (:data:`REGRESSION_DEFAULTS`).
+
 The first task is the primary one; its labels are the run's ``y`` (never missing). Nothing is
 dropped: a case with a missing label stays in the data and is only masked out of that task's
 loss and metrics; :func:`label_counts` says how many cases each task has labels for.
@@ -31,7 +35,12 @@ import numpy as np
 from medtl.data.manifest import Case, canonical_labels
 from medtl.errors import DataError
 
-__all__ = ["TaskTargets", "encode_tasks", "label_counts", "target_columns", "target_matrix"]
+__all__ = ["REGRESSION_DEFAULTS", "TaskTargets", "encode_tasks", "label_counts", "target_columns", "target_matrix"]
+
+#: what a regression task's ``loss`` and ``refit`` are when the config leaves them ``null``: a loss
+#: that stops an outlying target from dominating the shared encoder's gradient, and a ridge head
+#: chosen by grouped CV on the training patients (see :mod:`medtl.workflows.trainers`)
+REGRESSION_DEFAULTS = {"loss": "huber", "refit": "ridge"}
 
 
 @dataclass
@@ -43,6 +52,9 @@ class TaskTargets:
         values: float64 ``(N,)`` (``(N, L)`` for multilabel); ``nan`` = missing label.
         class_names: the classes (binary, multiclass), the label columns (multilabel), ``[]`` (regression).
         columns: the manifest column(s) the task was read from.
+        loss: regression: the head's training loss (``mse`` or ``huber``); ``None`` for the other kinds.
+        refit: regression: ``ridge`` (refit the head on the frozen fine-tuned features) or ``none``;
+            ``None`` for the other kinds.
     """
 
     name: str
@@ -51,6 +63,8 @@ class TaskTargets:
     class_names: list[str]
     weight: float = 1.0
     columns: tuple[str, ...] = ()
+    loss: str | None = None
+    refit: str | None = None
 
     @property
     def labelled(self) -> np.ndarray:
@@ -63,7 +77,8 @@ class TaskTargets:
         return {"regression": 1}.get(self.kind, len(self.class_names))
 
     def subset(self, idx: np.ndarray) -> TaskTargets:
-        return TaskTargets(self.name, self.kind, self.values[idx], list(self.class_names), self.weight, self.columns)
+        return TaskTargets(self.name, self.kind, self.values[idx], list(self.class_names), self.weight, self.columns,
+                           self.loss, self.refit)
 
 
 def target_columns(tasks) -> tuple[str, list[str]]:
@@ -99,7 +114,7 @@ def encode_tasks(tasks, cases: Sequence[Case], y: np.ndarray, class_names: list[
             out.append(TaskTargets(t.name, t.kind, vals, list(t.columns), t.weight, tuple(t.columns)))
         elif t.kind == "regression":
             out.append(TaskTargets(t.name, t.kind, _numeric_column(t.name, t.column, cases), [], t.weight,
-                                   (t.column,)))
+                                   (t.column,), _setting(t, "loss"), _setting(t, "refit")))
         else:
             vals, names = _class_column(t, cases)
             out.append(TaskTargets(t.name, t.kind, vals, names, t.weight, (t.column,)))
@@ -108,6 +123,13 @@ def encode_tasks(tasks, cases: Sequence[Case], y: np.ndarray, class_names: list[
             raise DataError(f"Task '{task.name}' has no labelled case (column(s) {list(task.columns)} are empty for "
                             f"all {len(cases)} cases). Check the column names in `tasks`, or remove the task.")
     return out
+
+
+def _setting(task, key: str) -> str:
+    """A regression task's ``loss``/``refit``: as configured, or :data:`REGRESSION_DEFAULTS` when ``null``
+    (or absent, for a task config object without the field)."""
+    value = getattr(task, key, None)
+    return REGRESSION_DEFAULTS[key] if value is None else str(value)
 
 
 def label_counts(targets: Sequence[TaskTargets]) -> dict[str, dict]:

@@ -13,6 +13,7 @@ Outputs per head (``(B, n)`` rows of the logits ``(B, n_outputs)``):
 * ``multilabel`` (L): logits, one sigmoid per label;
 * ``regression`` (1): the training-fold standardised value (``(value - mean) / std``);
   :meth:`MultiTaskHead.activate` undoes the standardisation with the stored ``mean``/``std``.
+  Its training loss is ``loss``: ``mse`` or ``huber`` (:data:`REGRESSION_LOSSES`).
 
 :class:`TaskView` is the network seen through one head (``(B, C, *S) -> (B, n)``), so
 attribution methods explain one task at a time.
@@ -36,9 +37,11 @@ from torch import nn
 
 from medtl.errors import ConfigError
 
-__all__ = ["HEAD_KINDS", "HeadSpec", "MultiTaskHead", "TaskView"]
+__all__ = ["HEAD_KINDS", "REGRESSION_LOSSES", "HeadSpec", "MultiTaskHead", "TaskView"]
 
 HEAD_KINDS = ("binary", "multiclass", "multilabel", "regression")
+#: training losses of a regression head, on the standardised target (see :class:`HeadSpec`)
+REGRESSION_LOSSES = ("mse", "huber")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class HeadSpec:
         class_names: classes (binary, multiclass) or labels (multilabel); ``[]`` for regression.
         weight: fixed loss weight.
         mean, std: regression: the training-fold statistics the target was standardised with.
+        loss: regression: ``mse`` (squared error of the standardised target) or ``huber`` (squared
+            within one training SD, linear beyond: twice PyTorch's ``huber_loss`` with ``delta=1``, so
+            small errors cost what they cost under ``mse``); ``None`` (classification heads, and
+            regression heads of checkpoints that predate the field) means cross-entropy or ``mse``.
     """
 
     name: str
@@ -59,10 +66,14 @@ class HeadSpec:
     weight: float = 1.0
     mean: float = 0.0
     std: float = 1.0
+    loss: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
             raise ConfigError(f"Head '{self.name}' has kind '{self.kind}'; valid kinds are {', '.join(HEAD_KINDS)}.")
+        if self.loss is not None and (self.kind != "regression" or self.loss not in REGRESSION_LOSSES):
+            raise ConfigError(f"Head '{self.name}' ({self.kind}) has loss {self.loss!r}; a regression head takes one "
+                              f"of {', '.join(REGRESSION_LOSSES)} and a classification head none (cross-entropy).")
         if self.kind != "regression" and len(self.class_names) < (1 if self.kind == "multilabel" else 2):
             raise ConfigError(f"Head '{self.name}' ({self.kind}) needs class names (got {self.class_names}).")
 
@@ -141,7 +152,8 @@ class MultiTaskHead:
     @classmethod
     def from_targets(cls, targets) -> MultiTaskHead:
         """From :class:`medtl.data.tasks.TaskTargets` (the prepared data's ``tasks``)."""
-        return cls([HeadSpec(t.name, t.kind, list(t.class_names), float(t.weight)) for t in targets])
+        return cls([HeadSpec(t.name, t.kind, list(t.class_names), float(t.weight), loss=getattr(t, "loss", None))
+                    for t in targets])
 
 
 class TaskView(nn.Module):

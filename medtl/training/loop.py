@@ -41,7 +41,7 @@ from medtl.errors import ConfigError
 from medtl.models.heads import MultiTaskHead
 from medtl.training import distributed
 
-__all__ = ["FitResult", "MultiTaskLoss", "fit", "predict_outputs", "predict_proba", "validation_scores"]
+__all__ = ["FitResult", "MultiTaskLoss", "TaskGate", "fit", "predict_outputs", "predict_proba", "validation_scores"]
 
 
 def validation_scores(y: np.ndarray, proba: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -94,9 +94,10 @@ class MultiTaskLoss(nn.Module):
     multiclass (class index) or regression (value in its own units) head and one per label of a
     multilabel head, in head order; ``nan`` marks a missing label. A masked label contributes
     nothing, its gradient included: each head's loss is the mean over its labelled entries
-    (cross-entropy; binary cross-entropy per label; squared error of the standardised value,
-    ``(y - mean) / std`` with the head's training-fold statistics), and a head with no label in
-    the batch adds 0.
+    (cross-entropy; binary cross-entropy per label; for regression, on the standardised value
+    ``(y - mean) / std`` with the head's training-fold statistics, the squared error or, with the
+    head's ``loss="huber"``, the squared error within one SD and ``2|e| - 1`` beyond, whose
+    gradient is bounded), and a head with no label in the batch adds 0.
 
     ``weighting="fixed"``: ``sum_t w_t L_t`` with the heads' ``weight``. ``"uncertainty"`` (Kendall,
     Gal & Cipolla 2018): a learned log-variance ``s_t`` per head, ``sum_t c_t exp(-s_t) L_t + s_t / 2``
@@ -144,7 +145,11 @@ class MultiTaskLoss(nn.Module):
                 loss = (per * mf).sum() / mf.sum().clamp_min(1.0)
             else:
                 ts = torch.where(m, (t - h.mean) / h.std, torch.zeros_like(t))
-                loss = ((z - ts) ** 2 * mf).sum() / mf.sum().clamp_min(1.0)
+                if h.loss == "huber":  # 2x PyTorch's Huber (delta 1): equal to the squared error within 1 SD
+                    per = 2.0 * nn.functional.huber_loss(z, ts, reduction="none", delta=1.0)
+                else:
+                    per = (z - ts) ** 2
+                loss = (per * mf).sum() / mf.sum().clamp_min(1.0)
             losses.append(loss)
             counts.append(mf.sum())
         return torch.stack(losses), torch.stack(counts)
@@ -352,8 +357,10 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         counts = np.bincount(y_train, minlength=num_classes).astype(np.float64)
         weight = torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    gate = None
     if head is not None:
         criterion = _multitask_criterion(head, cfg, y_train, device)
+        gate = TaskGate(model, head, cfg.task_gating, prior=_prior_logits(head, y_train))
     groups = strategy.param_groups(model, cfg.lr, cfg.weight_decay)
     if head is not None and criterion.log_vars is not None:
         groups.append({"params": [criterion.log_vars], "lr": cfg.lr, "weight_decay": 0.0, "name": "task_weights"})
@@ -428,7 +435,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             y_primary = y_val
         else:
             proba, val_loss, extra = _multitask_validation(eval_model, val_data, y_val, head, criterion,
-                                                           max(bs, 64), device, cfg.tta)
+                                                           max(bs, 64), device, cfg.tta, gate)
             y_primary = y_val[:, 0].astype(np.int64)
         m = validation_scores(y_primary, proba, num_classes)  # once per epoch: history and selection share it
         score = -val_loss if cfg.select_metric == "loss" else m[cfg.select_metric]
@@ -441,6 +448,8 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
             task_weights = criterion.weights() if head is not None else None
     if task is not None:
         progress.update(task, visible=False)
+    if gate is not None:
+        gate.remove()
     model.load_state_dict(best[2])
     model = strategy.finalize(model)
     if da.method == "dsbn":
@@ -468,16 +477,122 @@ def _multitask_criterion(head: MultiTaskHead, cfg: TrainConfig, y_train: np.ndar
                          label_smoothing=cfg.label_smoothing).to(device)
 
 
-def _multitask_validation(model, val_data, y_val, head, criterion, batch_size, device, tta):
-    """``(primary probabilities, summed fixed-weight loss, {"tasks": {"val_loss": {task: ...}, "weight": {task: ...}}})``
-    on the validation cases (a task without a validation label has loss ``None``)."""
+def _multitask_validation(model, val_data, y_val, head, criterion, batch_size, device, tta, gate=None):
+    """``(primary probabilities, summed fixed-weight loss, {"tasks": {...}})`` on the validation cases.
+
+    ``"tasks"``: ``"val_loss"`` and ``"skill"`` per task (``None`` for a task without a validation
+    label), ``"weight"`` (the loss weights) and, with a :class:`TaskGate`, ``"encoder_scale"``: the
+    scale each head's gradient into the encoder had during this epoch, before the gate is updated
+    with this epoch's skills for the next one."""
     outputs = predict_outputs(model, val_data, head, batch_size=batch_size, device=device, tta=tta)
     with torch.no_grad():
         cpu = MultiTaskLoss(head, label_smoothing=0.0)
-        losses, counts = cpu.task_losses(criterion.deactivate(outputs), torch.as_tensor(y_val, dtype=torch.float32))
+        y = torch.as_tensor(y_val, dtype=torch.float32)
+        losses, counts = cpu.task_losses(criterion.deactivate(outputs), y)
+        skill = {}
+        if gate is not None:
+            base, _ = cpu.task_losses(gate.prior.expand(len(y), -1), y)
+            skill = {h.name: (float(1 - v / b) if c > 0 and b > 0 else None)
+                     for h, v, b, c in zip(head.heads, losses, base, counts)}
     per_task = {"val_loss": {h.name: (float(v) if c > 0 else None) for h, v, c in zip(head.heads, losses, counts)},
                 "weight": criterion.weights()}
+    if gate is not None:
+        per_task.update(skill=skill, encoder_scale=gate.scales())
+        gate.update(skill)
     return outputs[head.primary.name], float((cpu.fixed * losses).sum()), {"tasks": per_task}
+
+
+def _prior_logits(head: MultiTaskHead, y_train: np.ndarray) -> torch.Tensor:
+    """``(1, n_outputs)`` logits of the training prior: class log-frequencies (add-one smoothed),
+    label log-odds, and 0 for a regression head (its training mean, standardised)."""
+    parts, col = [], 0
+    for h in head.heads:
+        n = h.n_outputs if h.kind == "multilabel" else 1
+        t = y_train[:, col:col + n]
+        col += n
+        if h.kind in ("binary", "multiclass"):
+            v = t[~np.isnan(t)].astype(int)
+            freq = (np.bincount(v, minlength=h.n_outputs) + 1.0) / (len(v) + h.n_outputs)
+            parts.append(np.log(freq))
+        elif h.kind == "multilabel":
+            pos, lab = np.nansum(t, axis=0), (~np.isnan(t)).sum(axis=0)
+            p = (pos + 1.0) / (lab + 2.0)
+            parts.append(np.log(p) - np.log1p(-p))
+        else:
+            parts.append(np.zeros(1))
+    return torch.as_tensor(np.concatenate(parts), dtype=torch.float32)[None]
+
+
+class TaskGate:
+    """How much each non-primary head's gradient reaches the shared encoder (``train.task_gating``).
+
+    The heads stay row blocks of the one final linear layer; during training a forward hook on
+    that layer computes each head's rows from the pooled features ``f`` ``(B, F)`` passed through
+    ``s f + (1 - s) f.detach()``: the same value, but the head's gradient into the encoder is
+    scaled by ``s`` while its own rows learn at full rate. The primary head always has ``s = 1``.
+
+    ``mode="validation"``: every non-primary head starts at ``s = 0`` and, after each epoch, gets
+    ``s = clip(skill, 0, 1)`` for the next one, ``skill = 1 - L_val / L_prior``: its validation
+    loss against that of the training prior (the training mean of a regression target, class
+    frequencies of a classification one): R² of the standardised target under ``mse``, the
+    pseudo-R² of McFadden for cross-entropy. A head that predicts its task on held-out cases no
+    better than the prior does not move the encoder the primary task depends on; one that does is
+    let in as far as it does. A head with no labelled validation case keeps its scale.
+    ``mode="off"``: ``s = 1`` throughout (the hook is not installed).
+
+    Args:
+        model: the network; its ``classifier_layer`` must be an ``nn.Linear`` with ``head.n_outputs`` rows.
+        head: the heads, primary first.
+        mode: ``off`` or ``validation``.
+        prior: ``(1, n_outputs)`` logits of the training prior (see ``_prior_logits``).
+    """
+
+    def __init__(self, model: nn.Module, head: MultiTaskHead, mode: str = "validation", *,
+                 prior: torch.Tensor | None = None) -> None:
+        if mode not in ("off", "validation"):
+            raise ConfigError(f"train.task_gating must be off or validation. Got {mode!r} instead.")
+        self.head, self.mode = head, mode
+        self.prior = prior if prior is not None else torch.zeros(1, head.n_outputs)
+        self._scale = [1.0] + [0.0 if mode == "validation" else 1.0] * (len(head.heads) - 1)
+        self._handle = None
+        if mode == "off":
+            return
+        layer = getattr(model, "classifier_layer", None)
+        if not isinstance(layer, nn.Linear) or layer.out_features != head.n_outputs:
+            raise ConfigError(f"train.task_gating=validation scales each head's gradient at the model's final linear "
+                              f"layer, but {type(model).__name__} has {type(layer).__name__} there (needs nn.Linear "
+                              f"with {head.n_outputs} outputs). Set train.task_gating=off.")
+        self._handle = layer.register_forward_hook(self._forward)
+
+    def scales(self) -> dict[str, float]:
+        """``{task: s}``: the scale of each head's gradient into the encoder."""
+        return {h.name: s for h, s in zip(self.head.heads, self._scale)}
+
+    def update(self, skill: dict[str, float | None]) -> None:
+        """Set the non-primary heads' scales from their validation skills (``None``: keep)."""
+        if self.mode == "off":
+            return
+        for i, h in enumerate(self.head.heads[1:], start=1):
+            v = skill.get(h.name)
+            if v is not None and math.isfinite(v):
+                self._scale[i] = float(min(max(v, 0.0), 1.0))
+
+    def remove(self) -> None:
+        """Take the hook off (the returned model is a plain network)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _forward(self, layer: nn.Linear, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or all(s == 1.0 for s in self._scale):
+            return out
+        f = inputs[0]
+        parts = []
+        for h, s in zip(self.head.heads, self._scale):
+            rows = self.head.slice(h.name)
+            x = f if s == 1.0 else f.detach() if s == 0.0 else s * f + (1.0 - s) * f.detach()
+            parts.append(nn.functional.linear(x, layer.weight[rows], None if layer.bias is None else layer.bias[rows]))
+        return torch.cat(parts, 1)
 
 
 def _check_distributed(cfg: TrainConfig, adapt: DomainAdaptConfig | None) -> None:

@@ -6,6 +6,7 @@ module never shadows the verb of the same workflow.
 """
 
 from medtl.workflows.auditing import audit
+from medtl.workflows.autoconfig import auto
 from medtl.workflows.comparison import compare
 from medtl.workflows.crossval import cross_validate
 from medtl.workflows.curves import curve
@@ -19,5 +20,5 @@ from medtl.workflows.rundir import FoldKey, FoldRecord, PredictionRow, RunDir, R
 from medtl.workflows.trainers import FineTune, FoldTrainer, LinearProbe, NestedSelection, make_trainer
 
 __all__ = ["EXPORT_FORMATS", "FineTune", "FoldKey", "FoldRecord", "FoldTrainer", "LinearProbe", "NestedSelection",
-           "PredictionRow", "RunDir", "RunMetrics", "audit", "compare", "cross_validate", "curve", "demo", "explain_run",
-           "export", "make_trainer", "predict", "rank", "train"]
+           "PredictionRow", "RunDir", "RunMetrics", "audit", "auto", "compare", "cross_validate", "curve", "demo",
+           "explain_run", "export", "make_trainer", "predict", "rank", "train"]

@@ -11,7 +11,8 @@ checkpoint, test predictions, fold record, resume.
   disk when ``train.strategy.feature_cache``), with a scikit-learn probe whose ``C`` is picked
   by grouped inner CV on the fold's training patients.
 * :class:`NestedSelection` wraps any trainer: an inner grouped k-fold over the fold's
-  training patients scores every point of ``cv.grid``, and the best point is refitted.
+  training patients scores every point of ``cv.grid``, and the best point is refitted
+  (``cv.search: optuna``: :class:`~medtl.workflows.search.OptunaSelection` searches instead).
 
 Example:
     >>> trainer = make_trainer(cfg)                        # doctest: +SKIP
@@ -23,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -31,21 +32,23 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from medtl._runtime import FoldSeeds, console, resolve_device, seed_everything
+from medtl._runtime import FoldSeeds, resolve_device, seed_everything
 from medtl.adapt.domain import adaptation_inputs
 from medtl.adapt.probe import LinearProbe as _Probe
 from medtl.adapt.probe import default_cache_dir, extract_features, feature_cache_key
 from medtl.config import Config
 from medtl.data.prepare import PreparedData
 from medtl.data.tasks import target_matrix
+from medtl.errors import ConfigError
 from medtl.evaluate.schemes import grid_points, with_point
-from medtl.evaluate.splits import outer_splits
 from medtl.models.heads import MultiTaskHead
 from medtl.training.checkpoint import ModelSpec, save_checkpoint
-from medtl.training.loop import fit, predict_outputs, predict_proba, validation_scores
+from medtl.training.loop import fit, predict_outputs, predict_proba
+from medtl.workflows.search import Choice, InnerSearch, OptunaSelection, config_point
 
-__all__ = ["FineTune", "FoldFit", "FoldTrainer", "LinearProbe", "NestedSelection", "fold_head", "make_model",
-           "make_trainer", "n_outputs", "recalibrate_regression"]
+__all__ = ["RIDGE_ALPHAS", "RIDGE_INNER_SPLITS", "FineTune", "FoldFit", "FoldTrainer", "LinearProbe",
+           "NestedSelection", "fold_head", "make_model", "make_trainer", "multitask_model", "n_outputs",
+           "recalibrate_regression", "refit_regression"]
 
 
 @dataclass
@@ -128,18 +131,26 @@ class FineTune:
 
     def _fit_tasks(self, cfg: Config, data: PreparedData, trn: np.ndarray, val: np.ndarray, seeds: FoldSeeds, *,
                    description: str, bar) -> FoldFit:
-        """One encoder, one head per task (:class:`~medtl.models.heads.MultiTaskHead`), missing labels masked."""
+        """One encoder, one head per task (:class:`~medtl.models.heads.MultiTaskHead`), missing labels masked.
+
+        The primary head starts as a single-task run's head of the same seed would
+        (:func:`multitask_model`), so the two runs compare like for like. After fine-tuning,
+        regression heads with ``refit: ridge`` are refitted on the frozen encoder's features of
+        the fold's training patients (:func:`refit_regression`); the other regression heads are
+        shrunk on the validation cases (:func:`recalibrate_regression`)."""
         head = fold_head(data, trn)
-        seed_everything(seeds.int("init"))
-        model = make_model(cfg, head.n_outputs)
+        model = multitask_model(cfg, head, seeds.int("init"))
         tcfg = cfg.train.model_copy(update={"seed": seeds.int("fit")})
         res = fit(model, data.images[trn], target_matrix(data.tasks, trn), data.images[val],
                   target_matrix(data.tasks, val), tcfg, num_classes=len(data.class_names), description=description,
                   progress=bar, head=head)
         device = resolve_device(cfg.train.device)
         train_stats = {h.name: [h.mean, h.std] for h in head.heads if h.kind == "regression"}
+        refit = refit_regression(res.model, head, data, np.concatenate([trn, val]), device=device,
+                                 tta=cfg.train.tta, batch_size=max(cfg.train.batch_size, 64))
         head, recal = recalibrate_regression(head, predict_outputs(res.model, data.images[val], head, device=device,
-                                                                   tta=cfg.train.tta), data, val)
+                                                                   tta=cfg.train.tta), data, val,
+                                             keep=[k for k, v in refit.items() if v.get("alpha") is not None])
         cache: dict[bytes, dict] = {}
 
         def outputs(idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -153,25 +164,148 @@ class FineTune:
                        save=lambda folder, meta: save_checkpoint(res.model, folder, meta),
                        info={"best_epoch": res.best_epoch, "history": res.history, "task_weights": res.task_weights,
                              "task_stats": train_stats,
-                             "task_recalibration": recal},
+                             "task_recalibration": recal, "task_refit": refit},
                        meta={"tasks": head.to_dict(), "task_weighting": cfg.train.task_weighting},
                        predict_tasks=outputs)
 
 
+def multitask_model(cfg: Config, head: MultiTaskHead, seed: int) -> torch.nn.Module:
+    """The configured encoder with ``head.n_outputs`` outputs that starts exactly as a single-task
+    run's model of the same ``seed``: every weight of that model, its final layer's rows included,
+    becomes the primary head's (an encoder's own init draws a ``K``-output model differently from a
+    ``K + extra`` one: timm scales the head by its row count, and without pretrained weights the
+    head's construction shifts the random stream of the whole body). The other heads' rows keep
+    the ``head.n_outputs`` model's own init. Where the final layer is not a plain linear layer,
+    only the weights of equal shape are taken."""
+    seed_everything(seed)
+    single = make_model(cfg, head.primary.n_outputs)
+    seed_everything(seed)
+    model = make_model(cfg, head.n_outputs)
+    own, theirs = model.state_dict(), single.state_dict()
+    with torch.no_grad():
+        for key, value in theirs.items():
+            if key in own and own[key].shape == value.shape:
+                own[key].copy_(value)
+        src, dst = getattr(single, "classifier_layer", None), getattr(model, "classifier_layer", None)
+        if isinstance(src, torch.nn.Linear) and isinstance(dst, torch.nn.Linear):
+            rows = head.slice(head.primary.name)
+            dst.weight[rows] = src.weight
+            if dst.bias is not None and src.bias is not None:
+                dst.bias[rows] = src.bias
+    return model
+
+
+#: the ridge penalties a refitted regression head chooses from, on standardised features: from
+#: almost no penalty to one that leaves only the intercept (the training mean)
+RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-1, 6, 15))
+#: grouped inner folds that choose a refitted head's penalty (fewer when fewer patients are labelled)
+RIDGE_INNER_SPLITS = 5
+
+
+def refit_regression(model: torch.nn.Module, head: MultiTaskHead, data: PreparedData, tr: np.ndarray, *,
+                     device: torch.device | str = "cpu", tta: bool = False, batch_size: int = 64,
+                     n_splits: int = RIDGE_INNER_SPLITS) -> dict[str, dict]:
+    """Refit each ``refit: ridge`` regression head on the frozen encoder's pooled features.
+
+    A linear head trained by gradient steps alongside the encoder, on a few dozen cases, ends
+    wherever the epoch chosen for the primary task left it; a ridge regression on the same
+    features, its penalty chosen by patient-grouped inner CV, is a linear head fitted for the task
+    itself, and falls back to the training mean when the features carry no signal. The features
+    ``(n, F)`` of the cases ``tr`` (the fold's training and validation cases: its training
+    patients, never its test ones) are standardised, and the penalty is chosen from
+    :data:`RIDGE_ALPHAS` by ``min(n_splits, patients)``-fold grouped CV on the mean squared error
+    with the one-standard-error rule: the largest penalty whose inner score is within one standard
+    error of the best. The encoder was fine-tuned on most of these cases, so their features fit
+    them better than they will fit new patients, and the plain best penalty is too small; the rule
+    (Hastie, Tibshirani & Friedman, *Elements of Statistical Learning*, 7.10) leans to the
+    simpler head. scikit-learn's ``GridSearchCV`` over ``StandardScaler`` + ``Ridge`` does the
+    search (the rule is its ``refit`` callable); the refitted ridge is folded into the head's rows
+    of the model's final linear layer (in place), in the head's standardised units, so the model,
+    and its checkpoint, predict the ridge's values. A task with fewer than 5 labelled cases or 2
+    labelled patients keeps its trained head.
+
+    Returns ``{task: {"alpha", "alpha_best", "alpha_grid_edge", "inner_mse", "n_train", "n_patients"}}``
+    (``alpha`` ``None`` where the head was kept; ``alpha_best`` the penalty of the best inner score);
+    ``alpha_grid_edge`` is ``"high"`` when the largest penalty was chosen, i.e. the features predicted
+    nothing the training mean did not.
+    """
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV, GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    tasks = [t for t in data.tasks if t.kind == "regression" and t.refit == "ridge"]
+    if not tasks:
+        return {}
+    layer = getattr(model, "classifier_layer", None)
+    if not isinstance(layer, torch.nn.Linear) or layer.bias is None or layer.out_features != head.n_outputs:
+        raise ConfigError(f"tasks[].refit=ridge folds a ridge regression into the model's final linear layer, but "
+                          f"{type(model).__name__} has {type(layer).__name__} there (needs nn.Linear with bias and "
+                          f"{head.n_outputs} outputs). Set refit: none on the regression tasks.")
+    tr = np.asarray(tr)
+    feats = extract_features(model, data.images[tr], batch_size=batch_size, device=device, tta=tta, progress=False)
+    info: dict[str, dict] = {}
+    for t in tasks:
+        y = t.values[tr]
+        lab = ~np.isnan(y)
+        groups = data.groups[tr][lab]
+        k = min(int(n_splits), len(set(groups.tolist())))
+        row = {"alpha": None, "alpha_best": None, "alpha_grid_edge": None, "inner_mse": None,
+               "n_train": int(lab.sum()), "n_patients": len(set(groups.tolist()))}
+        if lab.sum() < 5 or k < 2:
+            info[t.name] = row
+            continue
+        search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": list(RIDGE_ALPHAS)},
+                              cv=GroupKFold(n_splits=k), scoring="neg_mean_squared_error", refit=_one_standard_error)
+        search.fit(feats[lab], y[lab], groups=groups)
+        scaler, ridge = search.best_estimator_.named_steps.values()
+        w = ridge.coef_ / scaler.scale_  # value = feats @ w + b, in the target's units
+        b = float(ridge.intercept_ - w @ scaler.mean_)
+        h, rows = head[t.name], head.slice(t.name)
+        with torch.no_grad():
+            layer.weight[rows] = torch.as_tensor(w / h.std, dtype=layer.weight.dtype, device=layer.weight.device)
+            layer.bias[rows] = (b - h.mean) / h.std
+        res = search.cv_results_
+        alpha = float(res["param_ridge__alpha"][search.best_index_])
+        best = int(np.argmax(res["mean_test_score"]))
+        row.update(alpha=alpha, alpha_best=float(res["param_ridge__alpha"][best]),
+                   inner_mse=float(-res["mean_test_score"][search.best_index_]),
+                   alpha_grid_edge="high" if alpha == RIDGE_ALPHAS[-1] else "low" if alpha == RIDGE_ALPHAS[0] else None)
+        info[t.name] = row
+    return info
+
+
+def _one_standard_error(cv_results: dict) -> int:
+    """``GridSearchCV(refit=...)``: the index of the largest ``ridge__alpha`` whose mean inner score is
+    within one standard error (SD over the inner folds / sqrt(folds)) of the best mean score."""
+    mean = np.asarray(cv_results["mean_test_score"], dtype=np.float64)
+    n_folds = sum(k.startswith("split") and k.endswith("_test_score") for k in cv_results)
+    se = np.asarray(cv_results["std_test_score"], dtype=np.float64) / np.sqrt(max(n_folds, 1))
+    best = int(np.nanargmax(mean))
+    alphas = np.asarray(cv_results["param_ridge__alpha"], dtype=np.float64)
+    ok = np.flatnonzero(mean >= mean[best] - se[best])
+    return int(ok[np.argmax(alphas[ok])])
+
+
 def recalibrate_regression(head: MultiTaskHead, val_outputs: dict[str, np.ndarray], data: PreparedData,
-                           val: np.ndarray) -> tuple[MultiTaskHead, dict]:
+                           val: np.ndarray, *, keep: Sequence[str] = ()) -> tuple[MultiTaskHead, dict]:
     """Each regression head shrunk towards the training-fold mean, by a factor fitted on the fold's
     validation cases (never its test cases), as temperature scaling is for probabilities:
     ``value' = mean + b * (value - mean)``, ``b`` the least-squares slope through the training mean on
     the labelled validation cases, held to [0, 1]. ``b = 1`` keeps the head; ``b = 0`` predicts the
     training-fold mean (the baseline), which a head without signal cannot do worse than by much.
     Folded into the head (``std' = b * std``), so the checkpoint predicts the shrunk value. Needs
-    5 labelled validation cases; with fewer the head is kept.
+    5 labelled validation cases; with fewer the head is kept. Heads named in ``keep`` (refitted by
+    :func:`refit_regression`, whose penalty already chose the shrinkage, on these validation cases
+    among others) are kept as they are.
 
-    Returns ``(head, {task: {"b", "n_val"}})``."""
+    Returns ``(head, {task: {"b", "n_val"}})`` (``b`` ``None`` for a head in ``keep``)."""
     stats, info = {}, {}
     for t in data.tasks:
         if t.kind != "regression":
+            continue
+        if t.name in keep:
+            info[t.name] = {"b": None, "n_val": int((~np.isnan(t.values[val])).sum())}
             continue
         h = head[t.name]
         y, v = t.values[val], np.asarray(val_outputs[t.name], dtype=np.float64)[:, 0]
@@ -255,57 +389,48 @@ class LinearProbe:
                        meta={"strategy": "linear_probe", "probe_C": probe.C_})
 
 
-class NestedSelection:
+class NestedSelection(InnerSearch):
     """Nested CV around any trainer: ``cv.grid`` points scored by inner grouped k-fold.
 
     Inside one outer fold, the training patients (``train_idx`` and ``val_idx``) are split
     into ``cv.inner_splits`` grouped folds; every grid point is trained on each inner training
     part and scored (``train.select_metric``) on its inner held-out part. The best mean score
     wins, and the wrapped trainer is fitted once more at that point. The outer test patients
-    are never seen.
+    are never seen (:class:`~medtl.workflows.search.InnerSearch`; ``cv.search: optuna`` is
+    :class:`~medtl.workflows.search.OptunaSelection`).
     """
 
-    def __init__(self, inner: FoldTrainer) -> None:
-        self.inner = inner
-        self.name = f"nested({inner.name})"
-
-    def fit(self, cfg: Config, data: PreparedData, trn: np.ndarray, val: np.ndarray, seeds: FoldSeeds, *,
-            description: str, bar) -> FoldFit:
-        tr = np.concatenate([trn, val])
-        splits = outer_splits(data.y[tr], data.groups[tr], n_splits=cfg.cv.inner_splits,
-                              seed=seeds.int("nested_split"))
-        metric, k = cfg.train.select_metric, len(data.class_names)
+    def select(self, cfg: Config, data: PreparedData, tr: np.ndarray, splits: list, seeds: FoldSeeds, *,
+               description: str, bar) -> Choice:
+        metric, t0, images = cfg.train.select_metric, time.perf_counter(), 0
         scores = []
         for gi, point in enumerate(grid_points(cfg.cv.grid)):
-            pcfg = with_point(cfg, point)
             vals = []
-            for j, (itr, ite) in enumerate(splits):
-                res = self.inner.fit(pcfg, data, tr[itr], tr[ite], seeds.child(j),
-                                     description=f"{description} inner {j + 1}/{len(splits)} grid {gi + 1}", bar=bar)
-                vals.append(_score(data.y[tr[ite]], res.predict_val(), metric, k))
+            for value, n in self.score_folds(with_point(cfg, config_point(point)), data, tr, splits, seeds,
+                                             description=f"{description} grid {gi + 1}", bar=bar):
+                vals.append(value)
+                images += n
             scores.append({"point": point, "inner_mean": float(np.nanmean(vals)) if np.isfinite(vals).any()
                            else float("nan"), "inner": vals})
         defined = [s for s in scores if np.isfinite(s["inner_mean"])] or scores
         best = (min if metric == "loss" else max)(defined, key=lambda s: s["inner_mean"])
-        console.print(f"{description}: inner CV selected {best['point']}")
-        final = self.inner.fit(with_point(cfg, best["point"]), data, trn, val, seeds, description=description,
-                               bar=bar)
-        final.info.update({"selected": best["point"], "inner_scores": scores})
-        final.meta.update({"selected": best["point"]})
-        return final
+        n_ok = sum(bool(np.isfinite(s["inner_mean"])) for s in scores)
+        cost = {"method": "grid", "trials": len(scores), "complete": n_ok, "pruned": 0, "failed": len(scores) - n_ok,
+                "interrupted": 0, "wall_s": round(time.perf_counter() - t0, 3), "images": int(images),
+                "wall_s_here": round(time.perf_counter() - t0, 3),
+                "metric": metric, "best_value": best["inner_mean"] if np.isfinite(best["inner_mean"]) else None,
+                "best_params": config_point(best["point"])}
+        return Choice(config_point(best["point"]), {"inner_scores": scores, "search": cost}, images=images)
 
 
-def make_trainer(cfg: Config) -> FoldTrainer:
-    """The trainer of ``cfg``: fine-tune or linear probe, wrapped in nested selection for ``cv.scheme: nested``."""
+def make_trainer(cfg: Config, search_dir: Path | None = None, *, resume: bool = True) -> FoldTrainer:
+    """The trainer of ``cfg``: fine-tune or linear probe, wrapped in nested selection for ``cv.scheme: nested``
+    (``cv.search: optuna``: :class:`~medtl.workflows.search.OptunaSelection`, its studies kept in ``search_dir``,
+    reopened when ``resume``)."""
     base: FoldTrainer = LinearProbe() if cfg.train.strategy.name == "linear_probe" else FineTune()
-    return NestedSelection(base) if cfg.cv.scheme == "nested" else base
-
-
-def _score(y: np.ndarray, proba: np.ndarray, metric: str, k: int) -> float:
-    if metric == "loss":
-        p = np.clip(proba[np.arange(len(y)), y], 1e-8, 1.0)
-        return float(-np.mean(np.log(p)))
-    return float(validation_scores(y, proba, k)[metric])
+    if cfg.cv.scheme != "nested":
+        return base
+    return OptunaSelection(base, search_dir, resume=resume) if cfg.cv.search == "optuna" else NestedSelection(base)
 
 
 def _full_proba(probe: _Probe, X: np.ndarray, n_classes: int) -> np.ndarray:
