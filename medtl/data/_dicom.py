@@ -365,7 +365,7 @@ def decode_dataset(ds: Dataset, path: Path, *, max_bytes: int | None = None,
             f"install {pkg}"))
     with quiet():  # e.g. "excess padding removed": harmless
         try:
-            arr, info = _decode(decoder, ds)
+            arr, info = _decode(decoder, ds, spp)
         except RuntimeError as exc:
             raise UnreadableFileError(path, _decoder_failure(ts, exc)) from None
         except ValueError as exc:
@@ -410,7 +410,7 @@ def decode_dataset(ds: Dataset, path: Path, *, max_bytes: int | None = None,
     return DicomPixels(arr, photometric, rescaled)
 
 
-def _decode(decoder: Any, ds: Dataset) -> tuple[np.ndarray, dict]:
+def _decode(decoder: Any, ds: Dataset, samples_per_pixel: int) -> tuple[np.ndarray, dict]:
     """``decoder.as_array(ds, as_rgb=True)``, without a copy for uncompressed greyscale integers.
 
     For native (uncompressed) grey pixels, pydicom copies the Pixel Data and then masks or
@@ -421,7 +421,7 @@ def _decode(decoder: Any, ds: Dataset) -> tuple[np.ndarray, dict]:
     Bits Stored. Otherwise it decodes again with pydicom's correction. The caller always writes
     a new float32 array from the view (the rescale or the dtype conversion), never the view.
     """
-    if not decoder.is_native or _int_or(ds, "SamplesPerPixel", 1) != 1:
+    if not decoder.is_native or samples_per_pixel != 1:
         return decoder.as_array(ds, as_rgb=True)
     arr, info = decoder.as_array(ds, as_rgb=True, view_only=True, correct_unused_bits=False)
     stored, allocated = info.get("bits_stored"), info.get("bits_allocated")
@@ -433,14 +433,6 @@ def _decode(decoder: Any, ds: Dataset) -> tuple[np.ndarray, dict]:
         low, high = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
         clean = low <= int(arr.min()) and int(arr.max()) <= high
     return (arr, info) if clean else decoder.as_array(ds, as_rgb=True)
-
-
-def _int_or(ds: Dataset, keyword: str, default: int) -> int:
-    try:
-        value = header_value(ds, keyword)
-        return default if value is None else int(value)
-    except (TypeError, ValueError):
-        return default
 
 
 def _channel_first(arr: np.ndarray, colour_last: bool, n_frames: int) -> np.ndarray:
