@@ -35,13 +35,12 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from medtl.config import REGRESSION_LOSSES  # a regression head's training losses (tasks[].loss)
 from medtl.errors import ConfigError
 
 __all__ = ["HEAD_KINDS", "REGRESSION_LOSSES", "HeadSpec", "MultiTaskHead", "TaskView"]
 
 HEAD_KINDS = ("binary", "multiclass", "multilabel", "regression")
-#: training losses of a regression head, on the standardised target (see :class:`HeadSpec`)
-REGRESSION_LOSSES = ("mse", "huber")
 
 
 @dataclass(frozen=True)
