@@ -377,17 +377,25 @@ def _continual(cfg: Config) -> Iterator[str]:
 
 @_rule
 def _ensemble(cfg: Config) -> Iterator[str]:
-    """`train.ensemble_folds` > 1 needs a fine-tuning strategy (not `linear_probe`) and no `tasks`."""
-    k = cfg.train.ensemble_folds
-    if k <= 1:
-        return
-    if cfg.tasks:
-        yield (f"train.ensemble_folds={k} averages the class probabilities of one classifier per member; multi-task "
-               "runs (tasks) are not supported. Set train.ensemble_folds=1, or drop the tasks.")
-    if cfg.train.strategy.name == "linear_probe":
-        yield (f"train.ensemble_folds={k} trains one model per fold, but a linear probe fits its head on the "
-               "training and selection cases together, so every member would be the same probe on the whole train "
-               "split. Pick a fine-tuning strategy (finetune, llrd, partial, ...), or train.ensemble_folds=1.")
+    """`train.ensemble_folds` or `train.ensemble_seeds` > 1 needs a fine-tuning strategy (not `linear_probe`),
+    `ensemble_folds` also no `tasks`; the two do not combine."""
+    for key, k in (("ensemble_folds", cfg.train.ensemble_folds), ("ensemble_seeds", cfg.train.ensemble_seeds)):
+        if k <= 1:
+            continue
+        if cfg.tasks and key == "ensemble_folds":
+            yield (f"train.{key}={k} averages the class probabilities of one classifier per member; multi-task "
+                   f"runs (tasks) are not supported. Set train.{key}=1, or drop the tasks.")
+        if cfg.train.strategy.name == "linear_probe":
+            why = ("trains one model per fold, but a linear probe fits its head on the training and selection cases "
+                   "together, so every member would be the same probe on the whole train split"
+                   if key == "ensemble_folds" else
+                   "trains one model per seed, but a linear probe on frozen features is the same probe whatever the "
+                   "seed")
+            yield (f"train.{key}={k} {why}. Pick a fine-tuning strategy (finetune, llrd, partial, ...), or "
+                   f"train.{key}=1.")
+    if cfg.train.ensemble_folds > 1 and cfg.train.ensemble_seeds > 1:
+        yield (f"train.ensemble_folds={cfg.train.ensemble_folds} and train.ensemble_seeds={cfg.train.ensemble_seeds} "
+               "are two kinds of ensemble; a run builds one. Set one of them to 1.")
 
 
 # -- checks after the rules: grid values (once the keys are sound), optional packages -------

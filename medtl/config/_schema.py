@@ -331,6 +331,13 @@ class TrainConfig(_Strict):
         "each trained on k-1 patient-grouped stratified folds of the train split and selecting its epoch on the "
         "remaining one; they predict as one model, the mean of their probabilities (flip TTA inside with "
         "train.tta). The val split chooses the ensemble's temperature and threshold. 1: one model"))
+    ensemble_seeds: int = Field(1, ge=1, le=20, description=(
+        "`medtl cv` and `medtl train`: n > 1 fine-tunes every model n times on the same cases, from seeds train.seed, "
+        "train.seed + 1, ..., and predicts with the mean of their probabilities (a deep ensemble; member 0 is the "
+        "single model of train.seed). It removes most of the seed-to-seed spread of small-data fine-tuning, for n "
+        "times the training. Temperature and threshold are chosen on the ensemble's validation probabilities. "
+        "Multi-task runs average every head's output. Fine-tuning only; not with train.ensemble_folds > 1. "
+        "1: one model"))
     ema: float = Field(0.0, ge=0.0, lt=1.0, description=(
         "exponential moving average of the weights, decay per step (0 = off; e.g. 0.99). Validation, "
         "best-epoch selection and the returned model use the averaged weights (timm ModelEmaV3, with "

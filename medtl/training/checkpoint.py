@@ -331,7 +331,10 @@ def save_ensemble_checkpoint(folder: str | Path, members: list[str], meta: dict,
         if k in first:
             meta.setdefault(k, first[k])
     meta[ENSEMBLE] = {"members": pinned, "tta": bool(tta),
-                      "combine": "mean of the members' softmax probabilities (each flip-averaged when tta)"}
+                      "combine": ("mean of every head's output over the members (class and label probabilities, "
+                                  "regression values), each member with its own head and flip-averaged when tta"
+                                  if meta.get("tasks") else
+                                  "mean of the members' softmax probabilities (each flip-averaged when tta)")}
     meta.pop("unverified", None)
     atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2, default=str))
     return folder
@@ -388,7 +391,7 @@ def _load_ensemble(folder: Path, trust_unverified: bool):
     from medtl.models.ensemble import EnsembleClassifier
 
     meta = read_meta(folder)
-    models, reasons = [], []
+    models, heads, reasons = [], [], []
     for key, pinned in _members(folder, meta):
         model, m = load_checkpoint(folder / key, trust_unverified=trust_unverified)
         if m.get("unverified"):
@@ -396,5 +399,14 @@ def _load_ensemble(folder: Path, trust_unverified: bool):
         if (pin := _pin_reason(key, pinned, m)) is not None:
             reasons.append(pin)
         models.append(model)
+        heads.append(m.get("tasks"))
     meta = _verdict(folder, meta, reasons, trust_unverified)
-    return EnsembleClassifier(models, tta=bool(meta[ENSEMBLE].get("tta", False))).eval(), meta
+    tta = bool(meta[ENSEMBLE].get("tta", False))
+    if meta.get("tasks") is None:
+        return EnsembleClassifier(models, tta=tta).eval(), meta
+    from medtl.models.heads import MultiTaskHead
+
+    if any(h is None for h in heads):
+        raise CorruptCheckpointError(folder, "a multi-task ensemble's members must each record their tasks")
+    return EnsembleClassifier(models, tta=tta, heads=[MultiTaskHead.from_dict(h) for h in heads],
+                              head=MultiTaskHead.from_dict(meta["tasks"])).eval(), meta

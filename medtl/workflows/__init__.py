@@ -17,8 +17,8 @@ from medtl.workflows.official import train
 from medtl.workflows.prediction import predict
 from medtl.workflows.ranking import rank
 from medtl.workflows.rundir import FoldKey, FoldRecord, PredictionRow, RunDir, RunMetrics
-from medtl.workflows.trainers import FineTune, FoldTrainer, LinearProbe, NestedSelection, make_trainer
+from medtl.workflows.trainers import FineTune, FoldTrainer, LinearProbe, NestedSelection, SeedEnsemble, make_trainer
 
 __all__ = ["EXPORT_FORMATS", "FineTune", "FoldKey", "FoldRecord", "FoldTrainer", "LinearProbe", "NestedSelection",
-           "PredictionRow", "RunDir", "RunMetrics", "audit", "auto", "compare", "cross_validate", "curve", "demo",
+           "PredictionRow", "SeedEnsemble", "RunDir", "RunMetrics", "audit", "auto", "compare", "cross_validate", "curve", "demo",
            "explain_run", "export", "make_trainer", "predict", "rank", "train"]

@@ -35,7 +35,7 @@ from medtl.evaluate.plots import (
 )
 from medtl.evaluate.stats import bootstrap_stat, multiclass_metrics
 from medtl.training.checkpoint import ModelSpec
-from medtl.workflows.rundir import FoldRecord, PredictionRow, RunDir
+from medtl.workflows.rundir import FoldRecord, PredictionRow, RunDir, epochs_trained
 from medtl.workflows.trainers import FoldTrainer, n_outputs
 
 __all__ = ["FoldContext", "add_tasks", "bootstrap_metrics", "start", "fit_fold", "fold_task_outputs",
@@ -81,7 +81,7 @@ def fit_fold(ctx: FoldContext, key: str, trn: np.ndarray, val: np.ndarray, test:
                                                          bar=ctx.bar))
     with bill.stage("training"):
         fitted = ctx.trainer.fit(cfg, data, trn, val, seeds, description=description, bar=ctx.bar)
-    epochs = len(fitted.info.get("history") or [])
+    epochs = epochs_trained(fitted.info)
     bill.add_images("training", len(trn) * epochs if epochs else len(trn) + len(val))
     with bill.stage("evaluation"):
         p_test = fitted.predict(test)

@@ -35,7 +35,7 @@ from medtl.workflows._folds import (
     write_plots,
 )
 from medtl.workflows.ensembles import train_ensemble
-from medtl.workflows.trainers import FineTune, LinearProbe
+from medtl.workflows.trainers import base_trainer
 
 __all__ = ["train"]
 
@@ -61,7 +61,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, data: Prep
         raise DataError(f"Official-split training needs train, val and test cases; found {len(trn)}/{len(val)}/"
                         f"{len(tst)}. Use data.format=medmnist with data.split=official, or a manifest with a "
                         "'split' column (train/val/test); or run `medtl cv` instead.")
-    trainer = LinearProbe() if cfg.train.strategy.name == "linear_probe" else FineTune()
+    trainer = base_trainer(cfg)
     if k > 1:
         return train_ensemble(FoldContext(cfg, data, run, h, trainer, None, bill), trn, val, tst, resume=resume,
                               progress=progress, t0=t0)
@@ -83,6 +83,7 @@ def train(cfg: Config, out_dir: str | Path, *, progress: bool = True, data: Prep
         "val": compute_metrics(data.y[val], p_val, threshold=thr), "calibration": scored["calibration"],
         "temperature": rec.temperature, "bootstrap": scored["bootstrap"], "threshold": thr,
         "threshold_rule": cfg.evaluate.threshold, "best_epoch": rec.info.get("best_epoch"),
+        **{k: rec.info[k] for k in ("ensemble_seeds", "member_best_epochs") if k in rec.info},
         "class_names": data.class_names, "n_train": int(len(trn)), "n_val": int(len(val)), "n_test": int(len(tst)),
         "n_skipped": len(data.skipped), "model": cfg.model.name, "pretrained": cfg.model.pretrained,
         "plots": plots, "device": device_name(resolve_device(cfg.train.device)),

@@ -60,11 +60,19 @@ from medtl.training.checkpoint import (
     verify_checkpoint,
 )
 
-__all__ = ["FoldKey", "FoldRecord", "PredictionRow", "RunDir", "RunMetrics", "redact_skipped"]
+__all__ = ["FoldKey", "FoldRecord", "PredictionRow", "RunDir", "RunMetrics", "epochs_trained", "redact_skipped"]
 
 _MEMBER = re.compile(r"^member\d+$")
 _KEY = re.compile(r"^(?:r(?P<repeat>\d+))?fold(?P<fold>\d+)$|^site(?P<site>\d+)$|^(?P<final>final)$"
                   r"|^member(?P<member>\d+)$")
+
+
+def epochs_trained(info: dict) -> int:
+    """Epochs a fit trained, for the compute bill's image count: ``info["epochs_trained"]`` where the
+    trainer gives it (a seed ensemble trains each member's epochs), else the history's length."""
+    if info.get("epochs_trained") is not None:
+        return int(info["epochs_trained"])
+    return len(info.get("history") or [])
 
 
 @dataclass(frozen=True)

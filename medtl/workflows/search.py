@@ -60,6 +60,7 @@ from medtl.errors import DataError
 from medtl.evaluate.schemes import with_point
 from medtl.evaluate.splits import outer_splits
 from medtl.training.loop import validation_scores
+from medtl.workflows.rundir import epochs_trained
 
 __all__ = ["Choice", "InnerSearch", "OptunaSelection", "config_point", "inner_score", "print_search",
            "search_summary", "study_name"]
@@ -140,7 +141,7 @@ class InnerSearch:
         for j, (itr, ite) in enumerate(splits):
             res = self.inner.fit(cfg, data, tr[itr], tr[ite], seeds.child(j),
                                  description=f"{description} inner {j + 1}/{len(splits)}", bar=bar)
-            epochs = len(res.info.get("history") or [])
+            epochs = epochs_trained(res.info)
             yield (inner_score(data.y[tr[ite]], res.predict_val(), metric, k),
                    len(itr) * epochs if epochs else len(itr) + len(ite))
 
