@@ -39,6 +39,21 @@ def shared_data() -> Path:
     return root
 
 
+MOBILENET_V2_FILE = "mobilenet_v2-b0353104.pth"
+
+
+@pytest.fixture
+def shared_weights(monkeypatch) -> Path:
+    """The shared weights folder (``../shared/weights``, beside the datasets) as ``MEDTL_WEIGHTS_DIR``,
+    the way a user's download cache holds torchvision's MobileNetV2 file. Fails (never skips) when missing."""
+    folder = shared_data_dir().parent / "weights"
+    if not (folder / MOBILENET_V2_FILE).is_file():
+        pytest.fail(f"{MOBILENET_V2_FILE} not found in {folder}: place torchvision's file there (see "
+                    "../shared/datasets/README.md, 'weights') or set MEDTL_SHARED_DATA.")
+    monkeypatch.setenv("MEDTL_WEIGHTS_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def seed() -> int:
     """One seed for every test: Python, NumPy and torch."""

@@ -77,8 +77,9 @@ def test_cross_validate_then_train_twice_then_explain(tiny_manifest, tmp_path):
 
 
 @pytest.mark.parametrize("script", sorted((REPO / "tutorials").glob("*.py")), ids=lambda p: p.name)
-def test_tutorial_scripts_run_at_a_tiny_size(script, tmp_path):
-    """Every tutorial script takes --tiny and runs to the end, so none of them can rot."""
+def test_tutorial_scripts_run_at_a_tiny_size(script, tmp_path, shared_weights):
+    """Every tutorial script takes --tiny and runs to the end, so none of them can rot. The shared weights
+    folder is the download cache of the encoders the shipped configs name (MEDTL_WEIGHTS_DIR)."""
     res = subprocess.run([sys.executable, str(script), "--tiny", "--out", str(tmp_path / "runs")], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

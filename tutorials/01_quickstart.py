@@ -12,7 +12,8 @@
 Sizes: the default is the shipped configs (about an hour on 2 CPU cores); ``--quick``
 shortens training to check that everything runs (a few minutes); ``--tiny`` is what the
 test suite runs (a subset of the data, one epoch, seconds per step). Needs
-``../shared/datasets`` (or ``MEDTL_SHARED_DATA``) for BreastMNIST.
+``../shared/datasets`` (or ``MEDTL_SHARED_DATA``) for BreastMNIST, and torchvision's MobileNetV2
+ImageNet file, downloaded once (offline: in ``MEDTL_WEIGHTS_DIR``).
 """
 
 from __future__ import annotations

@@ -16,21 +16,15 @@ from medtl.models import create_encoder, get_record, resolve_record
 from medtl.models._keymaps import detect_layout, torchvision_mobilenet_v2_to_timm
 from medtl.models._sources import read_state_dict
 from medtl.training import ModelSpec
-from tests.conftest import REPO_ROOT, shared_data_dir
-
-FILE = "mobilenet_v2-b0353104.pth"
+from tests.conftest import MOBILENET_V2_FILE as FILE
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture
-def weights_cache(monkeypatch, tmp_path):
+def weights_cache(shared_weights, monkeypatch, tmp_path):
     """The shared weights folder as ``MEDTL_WEIGHTS_DIR``; an empty torch hub cache."""
-    folder = shared_data_dir().parent / "weights"
-    if not (folder / FILE).is_file():
-        pytest.fail(f"{FILE} not found in {folder}: place torchvision's file there (see "
-                    "../shared/datasets/README.md, 'weights') or set MEDTL_SHARED_DATA.")
-    monkeypatch.setenv("MEDTL_WEIGHTS_DIR", str(folder))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    return folder
+    return shared_weights
 
 
 def test_record_describes_torchvision_weights():
@@ -105,7 +99,7 @@ def test_offline_miss_names_where_to_put_the_file(monkeypatch, tmp_path):
 
 
 def test_model_name_in_a_config(weights_cache):
-    cfg = load_config(REPO_ROOT / "configs" / "breastmnist.yaml", ["model.name=mobilenet_v2"])
+    cfg = load_config(REPO_ROOT / "configs" / "breastmnist.yaml")
     model = ModelSpec.from_config(cfg, 2).build(pretrained=True).eval()
     assert model.weights_record.name == "mobilenetv2_100.tv_in1k"
     assert model(torch.rand(1, 1, 32, 32)).shape == (1, 2)

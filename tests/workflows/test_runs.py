@@ -98,7 +98,7 @@ def test_official_split_requires_splits(demo_run, tmp_path):
         train_official(cfg, tmp_path / "o", progress=False)
 
 
-def test_official_split_on_breastmnist_subset(shared_data, tmp_path):
+def test_official_split_on_breastmnist_subset(shared_data, shared_weights, tmp_path):
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "breastmnist.yaml",
                       TINY + ["data.max_cases=160", f"data.path={shared_data}/medmnist/breastmnist.npz"])
     m = train_official(cfg, tmp_path / "b", progress=False)
