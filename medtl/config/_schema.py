@@ -316,7 +316,8 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing of the cross-entropy")
     class_weighted: bool = Field(False, description="inverse-frequency class weights in the loss")
     select_metric: SelectMetric = Field("auc", description=(
-        "validation score that picks the best epoch (`loss`: the lowest)"))
+        "validation score that picks the best epoch (`loss`: the lowest); among epochs with the same score, the one "
+        "with the lowest validation loss"))
     amp: AmpMode = Field("auto", description="mixed precision; `auto`: on CUDA only; `on` needs CUDA")
     device: Device = Field("auto", description=(
         "`auto`: CUDA when available; `cuda` without a GPU is an error, never a silent fallback"))

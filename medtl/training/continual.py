@@ -40,7 +40,7 @@ from medtl.config import TrainConfig
 from medtl.config._choices import REPLAY_POLICIES
 from medtl.data.batch_augment import BatchAugment
 from medtl.errors import ConfigError
-from medtl.training.loop import FitResult, predict_proba, validation_scores
+from medtl.training.loop import FitResult, improves, predict_proba, validation_scores
 
 __all__ = ["EWC", "REPLAY_POLICIES", "ReplayBuffer", "fisher_diagonal", "train_stage"]
 
@@ -328,7 +328,7 @@ def train_stage(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_va
     steps = max(1, len(x_train) // bs)  # the last partial batch is dropped (BatchNorm needs > 1 sample)
     sched = _cosine(opt, cfg.warmup_epochs * steps, epochs * steps)
     gen, rgen = np.random.default_rng(cfg.seed), np.random.default_rng([cfg.seed, 2])
-    best: tuple[float, int, dict | None] = (-math.inf, 0, None)
+    best: tuple[float, int, dict | None, float] = (-math.inf, 0, None, math.inf)  # score, epoch, weights, val loss
     history = []
     task = progress.add_task(description, total=epochs * steps) if progress is not None else None
     for epoch in range(1, epochs + 1):
@@ -367,8 +367,9 @@ def train_stage(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_va
                         "val_loss": val_loss, "val_auc": m["auc"], "val_acc": m["acc"],
                         "lr": max(g["lr"] for g in opt.param_groups), "train_seconds": seconds,
                         "train_images_per_s": steps * (bs + rb) / seconds})
-        if score > best[0] or best[2] is None:
-            best = (score, epoch, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
+        if best[2] is None or improves(score, val_loss, best[0], best[3]):
+            best = (score, epoch, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()},
+                    val_loss)
     if task is not None:
         progress.update(task, visible=False)
     model.load_state_dict(best[2])

@@ -41,7 +41,8 @@ from medtl.errors import ConfigError
 from medtl.models.heads import MultiTaskHead
 from medtl.training import distributed
 
-__all__ = ["FitResult", "MultiTaskLoss", "TaskGate", "fit", "predict_outputs", "predict_proba", "validation_scores"]
+__all__ = ["FitResult", "MultiTaskLoss", "TaskGate", "fit", "improves", "predict_outputs", "predict_proba",
+           "validation_scores"]
 
 
 def validation_scores(y: np.ndarray, proba: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -284,6 +285,20 @@ def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
+def improves(score: float, val_loss: float, best_score: float, best_loss: float) -> bool:
+    """Whether an epoch's validation result beats the best so far: a higher ``train.select_metric``
+    score, or the same score with a lower validation loss.
+
+    The tie-break matters on small validation sets: with a few dozen cases the AUC often ties
+    (at 1.0 or a plateau) across epochs, and keeping the first of them keeps an early, less
+    confident model whose probabilities pool badly with other folds'. Among equal scores the
+    lower loss is the better-calibrated, more separated model. ``nan`` losses never win a tie.
+    """
+    if score != best_score:
+        return score > best_score
+    return val_loss < best_loss
+
+
 def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
         cfg: TrainConfig, *, num_classes: int, description: str = "train", progress=None,
         adapt: DomainAdaptConfig | None = None, x_target: np.ndarray | None = None,
@@ -382,7 +397,7 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
     gen = np.random.default_rng(cfg.seed)
     tgen = np.random.default_rng([cfg.seed, 1])  # target batches: their own stream
     bt = min(bs, len(x_target)) if objective.uses_target else 0
-    best = (-math.inf, 0, None)
+    best = (-math.inf, 0, None, math.inf)  # (score, epoch, weights, validation loss)
     history = []
     task_weights = None
     task = progress.add_task(description, total=cfg.epochs * steps) if progress is not None else None
@@ -443,8 +458,9 @@ def fit(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.nd
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_auc": m["auc"], "val_acc": m["acc"], "lr": max(g["lr"] for g in opt.param_groups),
                         "train_seconds": train_seconds, "train_images_per_s": steps * bs / train_seconds, **extra})
-        if score > best[0] or best[2] is None:  # an undefined score (e.g. one-class val) keeps epoch 1
-            best = (score, epoch, {k: v.detach().to("cpu", copy=True) for k, v in eval_model.state_dict().items()})
+        if best[2] is None or improves(score, val_loss, best[0], best[3]):  # an undefined score keeps epoch 1
+            best = (score, epoch, {k: v.detach().to("cpu", copy=True) for k, v in eval_model.state_dict().items()},
+                    val_loss)
             task_weights = criterion.weights() if head is not None else None
     if task is not None:
         progress.update(task, visible=False)

@@ -160,3 +160,23 @@ def test_ema_of_one_epoch_is_a_blend_of_the_start_and_the_trained_weights():
     avg = fit(Tiny(), x, y, xv, yv, one.model_copy(update={"ema": 0.999}), num_classes=2).model.head.weight.detach()
     d_total = (plain - w0).norm()
     assert 0 < (avg - w0).norm() < d_total and 0 < (avg - plain).norm() < d_total
+
+
+def test_improves_breaks_ties_of_the_score_by_the_validation_loss():
+    from medtl.training.loop import improves
+
+    assert improves(0.95, 9.0, 0.90, 0.1)        # a higher score wins whatever the loss
+    assert not improves(0.85, 0.01, 0.90, 0.5)   # a lower score loses whatever the loss
+    assert improves(1.0, 0.2, 1.0, 0.5)          # same score, lower loss: the later epoch is kept
+    assert not improves(1.0, 0.6, 1.0, 0.5)
+    assert not improves(1.0, float("nan"), 1.0, 0.5)
+
+
+def test_among_epochs_with_the_best_validation_auc_the_lowest_loss_is_kept():
+    x, y = _blobs()
+    xv, yv = _blobs(seed=1)
+    res = fit(Tiny(), x, y, xv, yv, CFG.model_copy(update={"epochs": 8}), num_classes=2)
+    top = max(h["val_auc"] for h in res.history)
+    tied = [h for h in res.history if h["val_auc"] == top]
+    assert len(tied) > 1  # the easy task separates the validation set in several epochs: the case the rule is for
+    assert res.best_epoch == min(tied, key=lambda h: h["val_loss"])["epoch"]
