@@ -7,6 +7,11 @@ user: a module's stage is its dotted name cut after the first numeric part
 without one, the module itself (``net.conv_head``). A stage made only of normalisation
 layers joins the stage before it (``bn2`` goes with ``conv_head``), and the encoder
 contract's ``classifier_layer`` is always the top stage.
+
+An ensemble (a module holding its models in a ``members`` ``ModuleList``, as
+:class:`medtl.models.ensemble.EnsembleClassifier` does) is staged by its members' own stages,
+each step re-initialising that stage in every member: the first step randomises all the
+members' classifiers, not the whole of one member.
 """
 
 from __future__ import annotations
@@ -16,20 +21,39 @@ import re
 import torch
 from torch import nn
 
-__all__ = ["cascade_stages", "randomise"]
+__all__ = ["cascade_stages", "ensemble_members", "randomise"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
           nn.modules.instancenorm._InstanceNorm)
 
 
+def ensemble_members(model: nn.Module) -> nn.ModuleList | None:
+    """The ``members`` of the first ensemble inside ``model`` (itself, or wrapped, e.g. by a
+    :class:`~medtl.models.heads.TaskView`), when it has two or more; else ``None``."""
+    for module in model.modules():
+        members = getattr(module, "members", None)
+        if isinstance(members, nn.ModuleList) and len(members) > 1:
+            return members
+    return None
+
+
 def cascade_stages(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
     """Stages, top (classifier) first: ``[(name, [modules...]), ...]``.
+
+    An ensemble's stages are its members' (named as in one member, ``(xN members)`` added),
+    each holding that stage of every member, when the members share one architecture.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
         >>> [name for name, _ in cascade_stages(net)]            # doctest: +SKIP
         ['3', '0']
     """
+    members = ensemble_members(model)
+    if members is not None:
+        per = [cascade_stages(m) for m in members]
+        if all([n for n, _ in p] == [n for n, _ in per[0]] for p in per):
+            return [(f"{name} (x{len(per)} members)", [m for p in per for m in p[i][1]])
+                    for i, (name, _) in enumerate(per[0])]
     head = getattr(model, "classifier_layer", None)
     head_ids = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
     stages: list[tuple[str, list[nn.Module]]] = []

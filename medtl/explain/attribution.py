@@ -17,7 +17,10 @@ and take a whole batch at once, in 2D ``(B, C, H, W)`` and 3D ``(B, C, D, H, W)`
 ==================  =====================================================  ===========
 
 The Grad-CAM layer comes from the encoder contract (``model.feature_layer``, a module
-object), never from a name. Input channels are summed, so every map has the input's
+object), never from a name. An ensemble's Grad-CAM (a module with its models in ``members``,
+e.g. :class:`medtl.models.ensemble.EnsembleClassifier`) is the mean of the maps at that layer in
+every member, each from the gradient of the ensemble's output, so it explains the ensemble and
+not only the member whose layer was passed. Input channels are summed, so every map has the input's
 spatial shape: ``(B, H, W)`` or ``(B, D, H, W)``. Signed maps keep their sign (IG
 completeness can be checked on them); displays and sanity checks use the magnitude.
 Guided backpropagation only modifies ``nn.ReLU`` modules (Captum); in networks built on
@@ -36,9 +39,10 @@ from torch import Tensor, nn
 from medtl.config import EXPLAIN_METHODS
 from medtl.errors import ConfigError, did_you_mean
 from medtl.explain import _methods
+from medtl.explain._stages import ensemble_members
 
 __all__ = ["METHODS", "ALIASES", "SIGNED_METHODS", "ConvergenceWarning", "DELTA_THRESHOLD",
-           "explain", "gradcam_layer", "relative_delta", "resolve_method"]
+           "explain", "gradcam_layer", "member_layers", "relative_delta", "resolve_method"]
 
 METHODS: tuple[str, ...] = EXPLAIN_METHODS
 ALIASES: dict[str, str] = {"layergradcam": "gradcam", "grad_cam": "gradcam",
@@ -150,7 +154,11 @@ def explain(
         if name in ("gradcam", "guided_gradcam"):
             layer = _grad_cam_layer(model, layer)
             fn = _methods.gradcam if name == "gradcam" else _methods.guided_gradcam
-            attr = fn(model, inputs, targets, layer)
+            layers = member_layers(model, layer)
+            attr = fn(model, inputs, targets, layers[0])
+            for other in layers[1:]:
+                attr = attr + fn(model, inputs, targets, other)
+            attr = attr / len(layers)
         elif name == "ig":
             attr, delta = _methods.integrated_gradients(
                 model, inputs, targets, _baseline_tensor(baseline, inputs), n_steps,
@@ -210,6 +218,31 @@ def gradcam_layer(model: nn.Module, x: Tensor, max_stride: int | None = 16) -> t
             return layer, name, grid[0] if grid else ()
         _check_positive_int("max_stride", max_stride)
         return _methods.layer_at_stride(model, xs, max_stride)
+
+
+def member_layers(model: nn.Module, layer: nn.Module) -> list[nn.Module]:
+    """``layer`` and the same layer in every other member of an ensemble inside ``model``.
+
+    ``[layer]`` for a single model, or when ``layer`` is not inside a member (or a member lacks it).
+
+    Example:
+        >>> ens = EnsembleClassifier([m1, m2])                           # doctest: +SKIP
+        >>> member_layers(ens, m1.feature_layer) == [m1.feature_layer, m2.feature_layer]  # doctest: +SKIP
+        True
+    """
+    members = ensemble_members(model)
+    if members is None:
+        return [layer]
+    for member in members:
+        name = next((n for n, m in member.named_modules() if m is layer), None)
+        if name is not None:
+            break
+    else:
+        return [layer]
+    try:
+        return [member.get_submodule(name) for member in members]
+    except AttributeError:
+        return [layer]
 
 
 def _grad_cam_layer(model: nn.Module, layer: nn.Module | None) -> nn.Module:

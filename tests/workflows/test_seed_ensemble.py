@@ -81,6 +81,19 @@ def test_the_fold_checkpoint_is_one_model_over_its_members(runs):
         assert json.loads((out / "checkpoints" / key / "member1" / "meta.json").read_text())["seed"] == 1
 
 
+def test_explain_explains_the_ensemble_not_one_member(runs, tmp_path):
+    from medtl.workflows import explain_run
+
+    explain_run(runs["ens"][0], tmp_path / "explain", progress=False,
+                overrides=["explain.methods=[gradcam]", "explain.n_correct=1", "explain.n_wrong=1",
+                           "explain.cascade_steps=2", "explain.faithfulness_steps=0"])
+    rec = json.loads((tmp_path / "explain" / "explain.json").read_text())
+    steps = rec["randomization"]["gradcam"]["steps"]
+    # the first cascade step re-initialises the classifier of both members, not all of one member
+    assert steps[0]["randomized"].endswith("(x2 members)") and "members." not in steps[0]["randomized"]
+    assert (tmp_path / "explain" / "report.html").stat().st_size > 0
+
+
 def test_official_split_run_records_its_members(manifest, tmp_path):
     import csv
 
