@@ -179,3 +179,35 @@ def test_plan_yaml_quotes_what_yaml_needs_and_reads_back():
     assert yaml.safe_load(text) == cfg
     assert "  # because\n  site_shift: {'site A: 1': xray_b, '2': ct_soft_tissue}\n" in text
     assert all(len(line) <= 100 for line in text.splitlines() if line.lstrip().startswith("#"))
+
+
+def test_seed_members_counts_the_fine_tunes_a_budget_holds():
+    est = {"decode": 10.0, "features": 0.0, "training": 100.0, "evaluation": 20.0, "overhead": 30.0, "total": 160.0}
+    assert P.seed_members(est, 150)[0] == 1                       # not even one more
+    n, why = P.seed_members(est, 40 + 3 * 120 + 5)
+    assert n == 3 and "3 fine-tunes" in why
+    assert P.seed_members(est, 10_000)[0] == P.MAX_SEED_MEMBERS
+    assert P._times_members(est, 3) == {**est, "training": 300.0, "evaluation": 60.0, "total": 400.0}
+
+
+def test_plan_run_spends_a_spare_budget_on_a_seed_ensemble(tmp_path):
+    fp = _fp(is_8bit=True, value_range=(0.0, 255.0))
+    args = dict(candidates=["m"], rows=None, timing=_timing(0.2))
+    one = P.plan_run(fp, _base(tmp_path), budget_s=10_000, spent_s=0, **args)
+    n = one.config["train"]["ensemble_seeds"]
+    assert n == P.MAX_SEED_MEMBERS and "fine-tunes" in one.reasons["train.ensemble_seeds"]
+    single = P.estimate_seconds(fp, mode="finetune", workflow="train", folds=1, timing=_timing(0.2)("m", 128),
+                                epochs=one.config["train"]["epochs"], batch_size=32, tta=True)
+    assert one.estimate["total"] > 3 * (single["training"] + single["evaluation"])
+    assert load_config(one.config).train.ensemble_seeds == n
+    # a budget that holds one full run but not two: no ensemble
+    tight = P.plan_run(fp, _base(tmp_path), budget_s=single["total"] * 1.5, spent_s=0, **args)
+    assert "ensemble_seeds" not in tight.config["train"] and tight.config["train"]["epochs"] == 20
+    # fewer epochs than the target: the budget goes to epochs, not members
+    short = P.plan_run(fp, _base(tmp_path), budget_s=single["total"] * 0.8, spent_s=0, **args)
+    assert short.config["train"]["epochs"] < 20 and "ensemble_seeds" not in short.config["train"]
+    # the user's value stays, and the estimate counts its members
+    base = {**_base(tmp_path), "train": {"ensemble_seeds": 2}}
+    mine = P.plan_run(fp, base, budget_s=10_000, spent_s=0, user_keys={"train", "train.ensemble_seeds"}, **args)
+    assert mine.config["train"]["ensemble_seeds"] == 2 and "train.ensemble_seeds" not in mine.reasons
+    assert mine.estimate["training"] == 2 * single["training"]
