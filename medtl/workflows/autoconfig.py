@@ -302,9 +302,7 @@ def _rank_candidates(cfg: Config, candidates: list[str], out: Path, progress: bo
     from medtl.workflows.ranking import rank
 
     dims = cfg.data.spatial_dims
-    intensity = cfg.data.intensity
-    if intensity.mode == "multiwindow":  # medtl rank builds one-channel encoders: one window of the three
-        intensity = intensity.model_copy(update={"mode": "window", "preset": "mediastinum"})
+    intensity = cfg.data.intensity  # multi-window CT is ranked on all its windows, as it will be trained
     side = min(RANK_SIDE, max(cfg.data.image_size))
     rcfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": [side] * dims,
                                                                       "intensity": intensity}),

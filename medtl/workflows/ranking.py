@@ -139,8 +139,10 @@ def _score(cfg: Config, spec: str, name: str, pretrained: bool, images: np.ndarr
     t = time.time()
     record = resolve_record(name, pretrained=pretrained)
     seed_everything(cfg.train.seed)  # random-init candidates are reproducible
-    model = create_encoder(name, pretrained=pretrained, num_classes=max(record.num_classes, 1), in_chans=1,
-                           channel_mapping=cfg.model.channel_mapping, drop_rate=0.0)
+    # as many input channels as the images have (multi-window CT: one per window), mapped onto the
+    # weights' first convolution by model.channel_mapping as in training
+    model = create_encoder(name, pretrained=pretrained, num_classes=max(record.num_classes, 1),
+                           in_chans=int(images.shape[1]), channel_mapping=cfg.model.channel_mapping, drop_rate=0.0)
     cache_dir = key = None
     if cfg.train.strategy.feature_cache:
         cache_dir = default_cache_dir()

@@ -92,3 +92,16 @@ def test_candidate_specs():
         rank_encoders(load_config({"data": {"path": "x"}}), [], progress=False)
     with pytest.raises(ConfigError, match="must be distinct"):
         rank_encoders(load_config({"data": {"path": "x"}}), ["a", "a"], progress=False)
+
+
+def test_multichannel_images_are_ranked_on_every_channel(tmp_path, monkeypatch):
+    """Multi-window CT (3 channels) builds 3-channel encoders; the class signal sits in channel 2 only."""
+    monkeypatch.setenv("MEDTL_CACHE_DIR", str(tmp_path / "cache"))
+    one = _tiny_data()
+    rng = np.random.default_rng(1)
+    images = rng.random((len(one.y), 3, 32, 32), dtype=np.float32) * 0.3
+    images[:, 2] = one.images[:, 0]
+    data = PreparedData(images, one.y, one.cases, one.class_names)
+    cfg = load_config(_cfg(tmp_path).model_dump(mode="json"), ["train.strategy.feature_cache=false"])
+    rows = rank_encoders(cfg, ["tf_efficientnet_lite0"], progress=False, data=data, baseline=None)
+    assert rows[0]["probe_auc"] > 0.9  # the signal of the third channel reached the features
